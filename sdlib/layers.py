@@ -1,0 +1,83 @@
+"""Building blocks shared by the VAE and the U-Net: normalisation, ResNet blocks, resampling.
+
+Follows the LDM/Stable Diffusion code base (Rombach et al. 2022, `ldm/modules/diffusionmodules`), reduced to what
+this project uses.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with SD's 32 groups, or fewer when `channels` is small or not divisible by 32."""
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero-initialise a residual branch's last layer so every block starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv twice with a residual connection; optionally adds a projected time embedding."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch) if emb_dim else None
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.emb_proj is not None:
+            h = h + self.emb_proj(F.silu(emb))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution, halving height and width."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution (avoids checkerboard artefacts)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class SelfAttention2d(nn.Module):
+    """Single-head spatial self-attention over all pixels, as in the VAE's middle block."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = zero_module(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # 3 x (B, HW, C)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))

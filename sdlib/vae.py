@@ -1,0 +1,131 @@
+"""KL-regularised convolutional autoencoder: Stable Diffusion's AutoencoderKL (Rombach et al. 2022, sec. 3.1).
+
+The encoder maps an image (B, C, H, W) to a diagonal Gaussian over latents (B, z, H/f, W/f) with
+f = 2 ** (len(channel_mult) - 1); the decoder maps latents back. Training minimises reconstruction error plus a small
+KL term towards N(0, I) (`kl_weight`), which keeps the latent space smooth without constraining it much. SD adds a
+perceptual (LPIPS) and a patch-GAN loss; on small images an L1 + KL objective is enough and keeps this runnable on a CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdlib.config import VAEConfig
+from sdlib.layers import Downsample, ResBlock, SelfAttention2d, Upsample, group_norm
+
+
+@dataclass(frozen=True)
+class VAEArgs:
+    in_channels: int = 1  # image channels
+    base_channels: int = 32  # width of the first level
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; one 2x downsampling between levels
+    num_res_blocks: int = 1  # ResNet blocks per level (decoder uses one more, as SD)
+    latent_channels: int = 4  # SD v1 uses 4
+
+    @classmethod
+    def from_config(cls, cfg: VAEConfig, in_channels: int) -> "VAEArgs":
+        return cls(in_channels, cfg.base_channels, tuple(cfg.channel_mult), cfg.num_res_blocks, cfg.latent_channels)
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "channel_mult": list(self.channel_mult)}
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, exp(logvar)), the encoder's posterior."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def kl(self) -> torch.Tensor:
+        """KL(q(z|x) || N(0, I)) summed over latent dimensions, per example: (B,)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).flatten(1).sum(1)
+
+
+class Encoder(nn.Module):
+    def __init__(self, a: VAEArgs):
+        super().__init__()
+        chs = [a.base_channels * m for m in a.channel_mult]
+        self.conv_in = nn.Conv2d(a.in_channels, chs[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        ch = chs[0]
+        for level, out in enumerate(chs):
+            for _ in range(a.num_res_blocks):
+                blocks.append(ResBlock(ch, out))
+                ch = out
+            if level < len(chs) - 1:
+                blocks.append(Downsample(ch))
+        self.down = nn.Sequential(*blocks)
+        self.mid = nn.Sequential(ResBlock(ch, ch), SelfAttention2d(ch), ResBlock(ch, ch))
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, 2 * a.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.down(self.conv_in(x)))  # (B, C, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2z, H/f, W/f): mean and logvar
+
+
+class Decoder(nn.Module):
+    def __init__(self, a: VAEArgs):
+        super().__init__()
+        chs = [a.base_channels * m for m in a.channel_mult]
+        ch = chs[-1]
+        self.conv_in = nn.Conv2d(a.latent_channels, ch, 3, padding=1)
+        self.mid = nn.Sequential(ResBlock(ch, ch), SelfAttention2d(ch), ResBlock(ch, ch))
+        blocks: list[nn.Module] = []
+        for level in reversed(range(len(chs))):
+            for _ in range(a.num_res_blocks + 1):
+                blocks.append(ResBlock(ch, chs[level]))
+                ch = chs[level]
+            if level > 0:
+                blocks.append(Upsample(ch))
+        self.up = nn.Sequential(*blocks)
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, a.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.mid(self.conv_in(z)))  # (B, C, H, W)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, args: VAEArgs):
+        super().__init__()
+        self.args = args
+        self.encoder = Encoder(args)
+        self.decoder = Decoder(args)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator)), posterior
+
+
+def vae_loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian, kl_weight: float):
+    """Per-pixel L1 reconstruction + kl_weight * KL per pixel (LDM's weighting, without LPIPS/GAN terms)."""
+    rec = (recon - x).abs().mean()
+    kl = posterior.kl().mean() / x[0].numel()
+    return rec + kl_weight * kl, rec.detach(), kl.detach()
+
+
+def psnr(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Mean PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = (recon.clamp(-1, 1) - x).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()

@@ -1,0 +1,63 @@
+"""params.yaml validation: every bad key or value is one line naming it; DVC's string values are coerced."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdlib import config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_validate():
+    cfg = config.load_all(REPO / "params.yaml")
+    assert cfg["epochs"] >= 1 and cfg["unet"].skip in ("concat", "add")
+    flat = config.flatten(cfg)
+    assert "unet.lr" in flat and "epochs" in flat and isinstance(flat["unet.channel_mult"], list)
+
+
+def test_dvc_set_strings_are_coerced():
+    # `dvc exp run -S unet.lr=1e-4` can leave "1e-4" in params.yaml, which PyYAML reads as a string.
+    assert config.parse_section("unet", {"lr": "1e-4"}).lr == pytest.approx(1e-4)
+    assert config.top_level({"epochs": "500"}, "epochs") == 500
+
+
+@pytest.mark.parametrize(
+    "section, values, message",
+    [
+        ("unet", {"lr": "abc"}, "bad value for 'unet.lr'"),
+        ("unet", {"lr": -1}, "bad value for 'unet.lr'"),
+        ("unet", {"typo": 1}, "unknown key 'unet.typo'"),
+        ("unet", {"skip": "mul"}, "bad value for 'unet.skip'"),
+        ("unet", {"channel_mult": [1, 2], "attention_levels": [2]}, "bad value for 'unet.attention_levels'"),
+        ("sample", {"sampler": "magic"}, "bad value for 'sample.sampler'"),
+        ("sample", {"steps": 0}, "bad value for 'sample.steps'"),
+        ("sample", {"prompts": ["8", " "]}, "bad value for 'sample.prompts'"),
+        ("data", {"source": "imagenet"}, "bad value for 'data.source'"),
+        ("data", {"image_size": 30}, "bad value for 'data.image_size'"),
+        ("text", {"hidden_size": 30, "num_heads": 4}, "bad value for 'text.num_heads'"),
+        ("vae", "not a mapping", "section 'vae' must be a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(section, values, message):
+    with pytest.raises(config.ConfigError) as err:
+        config.parse_section(section, values)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", [0, -3, "many", 2.5, True])
+def test_bad_epochs(value):
+    with pytest.raises(config.ConfigError, match="bad value for 'epochs'"):
+        config.top_level({"epochs": value}, "epochs")
+
+
+def test_unknown_top_level_key_and_bad_file(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"seed": 0, "epochs": 1, "epochz": 3}))
+    with pytest.raises(config.ConfigError, match="unknown top-level key 'epochz'"):
+        config.load_all(p)
+    p.write_text("seed: [unclosed")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.read_params(p)
+    with pytest.raises(config.ConfigError, match="params file not found"):
+        config.read_params(tmp_path / "missing.yaml")

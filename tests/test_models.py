@@ -1,0 +1,86 @@
+"""VAE and U-Net: shapes, skip variants, identity-at-init, attention maps, a tiny overfit, checkpoint round trip."""
+import pytest
+import torch
+
+from sdlib.io import load_weights, save_weights
+from sdlib.unet import UNet, UNetArgs, timestep_embedding
+from sdlib.vae import AutoencoderKL, VAEArgs, psnr, vae_loss
+
+
+def test_vae_shapes_and_factor():
+    args = VAEArgs(in_channels=3, base_channels=8, channel_mult=(1, 2, 2), latent_channels=4)
+    vae = AutoencoderKL(args)
+    x = torch.randn(2, 3, 32, 32)
+    posterior = vae.encode(x)
+    assert args.factor == 4 and posterior.mean.shape == (2, 4, 8, 8)
+    assert vae.decode(posterior.mean).shape == x.shape
+    assert posterior.kl().shape == (2,) and (posterior.kl() >= 0).all()
+
+
+def test_vae_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEArgs(in_channels=1, base_channels=8, channel_mult=(1, 2), latent_channels=4))
+    x = torch.zeros(8, 1, 16, 16)
+    x[:, :, 4:12, 6:10] = 1.0  # a bar, like a digit one
+    x = x * 2 - 1
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        recon, posterior = vae(x, generator=gen)
+        loss, rec, _ = vae_loss(x, recon, posterior, kl_weight=1e-6)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert psnr(x, vae.decode(vae.encode(x).mean)) > 20.0
+
+
+def test_psnr_analytic():
+    x = torch.zeros(1, 1, 4, 4)
+    assert psnr(x, x + 0.2).item() == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.04)).item(), rel=1e-5)
+
+
+def test_timestep_embedding():
+    e = timestep_embedding(torch.tensor([0.0, 10.0]), 8)
+    assert e.shape == (2, 8)
+    assert torch.allclose(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+
+
+@pytest.mark.parametrize("skip", ["concat", "add"])
+def test_unet_shapes_and_zero_init(skip):
+    args = UNetArgs(in_channels=4, context_dim=16, model_channels=16, channel_mult=(1, 2), attention_levels=(0, 1),
+                    num_heads=2, skip=skip)
+    net = UNet(args)
+    x, t, ctx = torch.randn(3, 4, 8, 8), torch.tensor([0.0, 10.5, 999.0]), torch.randn(3, 5, 16)
+    out = net(x, t, ctx)
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0  # zero-initialised output layer: training starts from predicting 0
+
+
+def test_unet_attention_maps_match_fused_path():
+    torch.manual_seed(0)
+    net = UNet(UNetArgs(in_channels=4, context_dim=16, model_channels=16, channel_mult=(1, 2), attention_levels=(1,),
+                        num_heads=2))
+    for p in net.parameters():  # leave no zero-initialised branch, so attention changes the output
+        torch.nn.init.normal_(p, std=0.2)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 500.0]), torch.randn(2, 7, 16)
+    fused = net(x, t, ctx)
+    assert not torch.allclose(fused, net(x, t, torch.randn(2, 7, 16)), atol=1e-3)  # the text context matters
+    for m in net.attention_modules():
+        m.store_maps = True
+    explicit = net(x, t, ctx)
+    assert torch.allclose(fused, explicit, atol=1e-4)
+    maps = [m.maps for m in net.attention_modules()]
+    assert maps[0].shape == (2, 2, 16, 7)  # (B, heads, 4x4 latent positions, 7 tokens)
+    assert torch.allclose(maps[0].sum(-1), torch.ones(2, 2, 16))
+
+
+def test_weights_round_trip(tmp_path):
+    args = VAEArgs(in_channels=1, base_channels=8, channel_mult=(1, 2))
+    vae = AutoencoderKL(args)
+    save_weights(tmp_path / "vae.safetensors", vae.state_dict(), {"kind": "vae", "args": args.to_dict()})
+    tensors, meta = load_weights(tmp_path / "vae.safetensors", kind="vae")
+    vae2 = AutoencoderKL(VAEArgs(**{**meta["args"], "channel_mult": tuple(meta["args"]["channel_mult"])}))
+    vae2.load_state_dict(tensors)
+    x = torch.randn(1, 1, 16, 16)
+    assert torch.equal(vae.encode(x).mean, vae2.encode(x).mean)

@@ -1,0 +1,96 @@
+"""The training loop: deterministic resume (bit-identical), non-finite guard, stale and malicious checkpoints."""
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from sdlib.trainer import (EMA, Checkpointer, TrainingError, batch_indices, epoch_permutation, fingerprint, fit,
+                           warmup_cosine)
+
+X = torch.linspace(-1, 1, 40)[:, None]
+Y = 3 * X + 0.5
+
+
+def run(tmp_path, total, stop_at=None, fp="a", lr=0.05):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warmup=3))
+    ema = EMA(model, 0.9)
+
+    def loss_fn(step, gen):
+        if stop_at is not None and step == stop_at:
+            raise KeyboardInterrupt  # stands in for a kill between two checkpoints
+        idx = batch_indices(len(X), 8, seed=1, step=step)
+        noise = 0.01 * torch.randn(8, 1, generator=gen)
+        return (model(X[idx] + noise) - Y[idx]).pow(2).mean(), {}
+
+    hist = fit(model=model, loss_fn=loss_fn, optimizer=opt, total_steps=total, steps_per_epoch=5, seed=1,
+               device=torch.device("cpu"), checkpointer=Checkpointer(tmp_path / "ckpt.pt", fp), checkpoint_every=4,
+               ema=ema, scheduler=sched)
+    return model, ema, hist
+
+
+def test_resume_is_bit_identical(tmp_path):
+    ref, ref_ema, ref_hist = run(tmp_path / "ref", 30)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", 30, stop_at=17)
+    assert (tmp_path / "cut" / "ckpt.pt").exists()
+    resumed, resumed_ema, hist = run(tmp_path / "cut", 30)
+    for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(ref_ema.shadow, resumed_ema.shadow):
+        assert torch.equal(a, b)
+    assert [r["epoch"] for r in hist.rows] == [1, 2, 3, 4, 5, 6]
+    assert ref_hist.rows[-1]["loss"] < ref_hist.rows[0]["loss"]
+
+
+def test_other_params_do_not_resume(tmp_path, capsys):
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, 30, stop_at=9, fp="a")
+    run(tmp_path, 30, fp="b")
+    assert "made with other params or inputs; starting fresh" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step \d+"):
+        run(tmp_path, 200, lr=1e6)  # diverges
+    # the error message points at the last good checkpoint, which is still loadable
+    state = Checkpointer(tmp_path / "ckpt.pt", "a").load()
+    assert state is not None and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_malicious_checkpoint_is_not_executed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "ckpt.pt", "wb") as f:
+        pickle.dump({"fingerprint": "a", "model": Payload()}, f)
+    assert Checkpointer(tmp_path / "ckpt.pt", "a").load() is None
+    assert not (tmp_path / "PWNED").exists()
+    assert "ignoring unreadable checkpoint" in capsys.readouterr().err
+
+
+def test_data_order_is_a_permutation_per_epoch():
+    seen = torch.cat([batch_indices(20, 5, seed=3, step=s) for s in range(4)])
+    assert sorted(seen.tolist()) == list(range(20))
+    assert torch.equal(epoch_permutation(20, 3, 1), epoch_permutation(20, 3, 1))
+    assert not torch.equal(epoch_permutation(20, 3, 1), epoch_permutation(20, 3, 2))
+
+
+def test_fingerprint_sees_file_content(tmp_path):
+    f = tmp_path / "data.bin"
+    f.write_bytes(b"abc")
+    before = fingerprint({"lr": 1}, files=(f,))
+    f.write_bytes(b"abd")
+    assert fingerprint({"lr": 1}, files=(f,)) != before != fingerprint({"lr": 2}, files=(f,))
+
+
+def test_warmup_cosine_endpoints():
+    f = warmup_cosine(100, warmup=10, final_frac=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
