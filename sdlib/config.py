@@ -108,9 +108,9 @@ class UNetConfig(_Section):
 
 
 class ClassifierConfig(_Section):
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(3e-3, gt=0.0)
 
 
 class SampleConfig(_Section):

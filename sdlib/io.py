@@ -39,6 +39,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    tmp.chmod(0o644)  # mkstemp creates 0600; outputs are ordinary, readable files
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -54,7 +55,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` as a whole once the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp creates 0700
     old = path.parent / f".{path.name}.old"
     try:
         yield tmp

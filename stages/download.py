@@ -1,0 +1,33 @@
+"""Fetch the configured image source (params `data`) into data/raw, unresized; see sdlib.data for the formats."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sdlib import config
+from sdlib.cli import user_errors, wrote
+from sdlib.data import fetch_source, write_raw
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    params: Annotated[Path, typer.Option(help="params.yaml to read the `data` section and `seed` from")] = Path(
+        "params.yaml"),
+    out: Annotated[Path, typer.Option(help="raw dataset folder to write (replaced as a whole)")] = Path("data/raw"),
+) -> None:
+    """Fetch `data.source` into OUT: images/NNNNN.png, meta.csv (file,label,caption) and classes.json."""
+    with user_errors():
+        raw_params = config.read_params(params)
+        cfg, seed = config.parse_section("data", raw_params.get("data")), config.top_level(raw_params, "seed")
+        raw = fetch_source(cfg, seed)
+        write_raw(raw, out)
+        wrote(out)
+        print(f"download: {len(raw.images)} images from {cfg.source}, {len(raw.classes)} classes")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,37 @@
+"""Fit data/raw to `data.image_size` and `data.channels`, scale to [-1, 1], caption and split it into data/processed."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sdlib import config
+from sdlib.cli import user_errors, wrote
+from sdlib.data import preprocess, read_raw, write_processed
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    params: Annotated[Path, typer.Option(help="params.yaml to read the `data` section and `seed` from")] = Path(
+        "params.yaml"),
+    raw: Annotated[Path, typer.Option(help="raw dataset folder written by the download stage")] = Path("data/raw"),
+    out: Annotated[Path, typer.Option(help="processed dataset folder to write (replaced as a whole)")] = Path(
+        "data/processed"),
+) -> None:
+    """Write {train,test}.safetensors, captions.parquet and meta.json to OUT from the raw images in RAW."""
+    with user_errors():
+        raw_params = config.read_params(params)
+        cfg, seed = config.parse_section("data", raw_params.get("data")), config.top_level(raw_params, "seed")
+        data = read_raw(raw)
+        train, test, meta = preprocess(data, cfg, seed)
+        write_processed(out, train, test, meta)
+        wrote(out)
+        shape = tuple(train.images.shape[1:])
+        print(f"preprocess: {meta['n_train']} train + {meta['n_test']} test images of shape {shape}")
+
+
+if __name__ == "__main__":
+    app()

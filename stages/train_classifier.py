@@ -1,0 +1,61 @@
+"""Train the small CNN classifier that `evaluate` uses as its feature space and as the judge of prompted classes."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from sdlib import config, tracking
+from sdlib.classifier import Classifier, ClassifierArgs, accuracy, save_classifier, train_classifier
+from sdlib.cli import DataError, pick_device, user_errors, wrote
+from sdlib.data import load_split
+from sdlib.io import write_json
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    params: Annotated[Path, typer.Option(help="params.yaml to read the `classifier` section and `seed` from")] = Path("params.yaml"),
+    data: Annotated[Path, typer.Option(help="preprocessed dataset folder")] = Path("data/processed"),
+    out: Annotated[Path, typer.Option(help="classifier weights (safetensors)")] = Path("models/classifier.safetensors"),
+    metrics: Annotated[Path, typer.Option(help="metrics JSON (test accuracy)")] = Path("reports/classifier.json"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+) -> None:
+    """Train the evaluation classifier on the train split; report its accuracy on the test split."""
+    with user_errors():
+        raw = config.read_params(params)
+        cfg, seed = config.parse_section("classifier", raw.get("classifier")), config.top_level(raw, "seed")
+        dev = pick_device(device)
+        train, test = load_split(data, "train"), load_split(data, "test")
+        labelled = train.labels >= 0
+        if len(train.classes) < 2 or int(labelled.sum()) < 2:
+            raise DataError(f"{data}: the classifier needs labelled images of at least 2 classes "
+                            f"(found {len(train.classes)} classes, {int(labelled.sum())} labelled images)")
+
+        torch.manual_seed(seed)  # parameter initialisation only; training draws from its own generator
+        args = ClassifierArgs(in_channels=train.images.shape[1], image_size=train.images.shape[-1],
+                              num_classes=len(train.classes))
+        model = Classifier(args)
+        run_params = {**{f"classifier.{k}": v for k, v in cfg.model_dump().items()}, "seed": seed}
+        with tracking.stage_run("train_classifier", run_params):
+            history = train_classifier(model, train.images[labelled], train.labels[labelled], cfg,
+                                       torch.Generator().manual_seed(seed), dev,
+                                       on_epoch=lambda row: tracking.log_metrics(row, step=row["epoch"]))
+            test_labelled = test.labels >= 0
+            result = {"train_loss": round(history[-1]["loss"], 5), "train_acc": round(history[-1]["acc"], 4),
+                      "n_params": sum(p.numel() for p in model.parameters())}
+            if test_labelled.any():
+                result["test_acc"] = round(accuracy(model, test.images[test_labelled], test.labels[test_labelled],
+                                                    dev), 4)
+            tracking.log_metrics(result)
+            save_classifier(out, model, train.classes)
+            write_json(metrics, result)
+        wrote(out, metrics)
+        print(f"train_classifier: test accuracy {result.get('test_acc', float('nan')):.4f}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,25 @@
+"""Fixtures shared by the test modules."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+
+@pytest.fixture
+def params_file(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: `params_file(seed=0, data={...}, ...)` writes a fresh params.yaml in tmp_path and returns its path.
+
+    Top-level keys default to `seed: 0` and `epochs: 1`; each keyword is a section (or a top-level key) as written.
+    """
+    counter = itertools.count()
+
+    def write(**params: object) -> Path:
+        path = tmp_path / f"params-{next(counter)}.yaml"
+        path.write_text(yaml.safe_dump({"seed": 0, "epochs": 1, **params}, sort_keys=False))
+        return path
+
+    return write

