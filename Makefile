@@ -25,6 +25,9 @@ test: install  ## unit tests + the end-to-end pipeline test on a tiny config
 test-fast: install  ## unit tests only
 	pytest -q -m "not slow"
 
+regress: install  ## fail if reports/metrics.json regressed against the one committed on main
+	python -m sdlib.regress --baseline main
+
 ui: install  ## the MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 

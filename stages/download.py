@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sdlib import config
+from sdlib import config, tracking
 from sdlib.cli import user_errors, wrote
 from sdlib.data import fetch_source, write_raw
 
@@ -23,8 +23,10 @@ def main(
     with user_errors():
         raw_params = config.read_params(params)
         cfg, seed = config.parse_section("data", raw_params.get("data")), config.top_level(raw_params, "seed")
-        raw = fetch_source(cfg, seed)
-        write_raw(raw, out)
+        with tracking.stage_run("download", {**{f"data.{k}": v for k, v in cfg.model_dump().items()}, "seed": seed}):
+            raw = fetch_source(cfg, seed)
+            write_raw(raw, out)
+            tracking.log_metrics({"n_images": len(raw.images)})
         wrote(out)
         print(f"download: {len(raw.images)} images from {cfg.source}, {len(raw.classes)} classes")
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sdlib import config
+from sdlib import config, tracking
 from sdlib.cli import user_errors, wrote
 from sdlib.data import preprocess, read_raw, write_processed
 
@@ -26,8 +26,10 @@ def main(
         raw_params = config.read_params(params)
         cfg, seed = config.parse_section("data", raw_params.get("data")), config.top_level(raw_params, "seed")
         data = read_raw(raw)
-        train, test, meta = preprocess(data, cfg, seed)
-        write_processed(out, train, test, meta)
+        with tracking.stage_run("preprocess", {**{f"data.{k}": v for k, v in cfg.model_dump().items()}, "seed": seed}):
+            train, test, meta = preprocess(data, cfg, seed)
+            write_processed(out, train, test, meta)
+            tracking.log_metrics({"n_train": len(train), "n_test": len(test)})
         wrote(out)
         shape = tuple(train.images.shape[1:])
         print(f"preprocess: {meta['n_train']} train + {meta['n_test']} test images of shape {shape}")

@@ -41,7 +41,7 @@ def main(
     guidance: Annotated[Optional[float], typer.Option(help="classifier-free guidance scale (1 = none)")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="noise levels: auto, karras or discrete")] = None,
     negative_prompt: Annotated[Optional[str], typer.Option(help="prompt to steer away from")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed of the first image; image i uses seed + i")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="base seed; image i of prompt k uses seed + k*n + i")] = None,
     init_image: Annotated[Optional[Path], typer.Option(help="PNG to start from (image-to-image, SDEdit)")] = None,
     strength: Annotated[float, typer.Option(help="img2img noise strength in (0, 1]; 1 ignores the image")] = 0.6,
     params: Annotated[Path, typer.Option(help="params.yaml whose `sample` section gives the defaults")] = Path("params.yaml"),
@@ -55,6 +55,8 @@ def main(
         cfg = settings(params, {"prompts": prompt, "n_per_prompt": n, "sampler": sampler, "steps": steps,
                                 "guidance": guidance, "schedule": schedule, "negative_prompt": negative_prompt,
                                 "seed": seed})
+        if not 0.0 < strength <= 1.0:
+            raise config.ConfigError(f"--strength must lie in (0, 1], got {strength}")
         dev = pick_device(device)
         model, meta = load_ldm(unet / "model.safetensors", dev)
         autoencoder = load_vae(vae, dev)

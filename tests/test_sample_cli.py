@@ -1,0 +1,71 @@
+"""The generate command (`python -m stages.sample`) on a tiny saved model: outputs, and one-line errors."""
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from sdlib.config import TextConfig
+from sdlib.data import DIGIT_NAMES
+from sdlib.io import save_weights
+from sdlib.pipeline import DiffusionArgs, LatentDiffusion, save_ldm
+from sdlib.text import write_clip_tokenizer_files
+from sdlib.unet import UNetArgs
+from sdlib.vae import AutoencoderKL, VAEArgs
+from stages.sample import app
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    text = TextConfig(hidden_size=16, num_layers=1, num_heads=2, max_length=8)
+    model = LatentDiffusion(UNetArgs(in_channels=4, context_dim=16, model_channels=8, channel_mult=(1, 2),
+                                     num_heads=2), text, DiffusionArgs(), (4, 4))
+    save_ldm(root / "unet" / "model.safetensors", model, {"classes": list(DIGIT_NAMES), "digits": True})
+    write_clip_tokenizer_files(root / "unet" / "tokenizer")
+    args = VAEArgs(in_channels=1, base_channels=8, channel_mult=(1, 2))
+    save_weights(root / "vae.safetensors", AutoencoderKL(args).state_dict(), {"kind": "vae", "args": args.to_dict()})
+    Image.new("L", (8, 8), 128).save(root / "ok.png")
+    Image.new("L", (20, 20), 128).save(root / "big.png")
+    (root / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def invoke(models, tmp_path, *args):
+    base = ["--unet", str(models / "unet"), "--vae", str(models / "vae.safetensors"), "--params", str(tmp_path / "none.yaml"),
+            "--out", str(tmp_path / "out"), "--device", "cpu"]
+    return CliRunner().invoke(app, [*base, *args])
+
+
+def test_generate_writes_pngs_manifest_and_grid(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("SDLIB_TRACKING", "off")
+    res = invoke(models, tmp_path, "--prompt", "8", "--prompt", "a handwritten digit three", "--n", "2",
+                 "--sampler", "euler", "--steps", "3", "--seed", "7")
+    assert res.exit_code == 0, res.output
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert manifest["label"].tolist() == [8, 8, 3, 3] and manifest["seed"].tolist() == [7, 8, 9, 10]
+    assert (tmp_path / "out" / "grid.png").is_file() and len(list((tmp_path / "out").glob("0*.png"))) == 4
+    res = invoke(models, tmp_path, "--prompt", "8", "--n", "1", "--steps", "2", "--init-image",
+                 str(models / "ok.png"), "--strength", "0.5")
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sampler", "magic"], "bad value for 'sample.sampler'"),
+        (["--steps", "0"], "bad value for 'sample.steps'"),
+        (["--prompt", " "], "bad value for 'sample.prompts'"),
+        (["--init-image", "{m}/broken.png"], "cannot read init image"),
+        (["--init-image", "{m}/big.png"], "init image is 20x20, the model draws 8x8"),
+        (["--init-image", "{m}/ok.png", "--strength", "0"], "--strength must lie in (0, 1]"),
+        (["--unet", "{m}/missing"], "checkpoint not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path, monkeypatch, args, message):
+    monkeypatch.setenv("SDLIB_TRACKING", "off")
+    res = invoke(models, tmp_path, "--n", "1", "--steps", "2", *[a.format(m=models) for a in args])
+    assert res.exit_code == 2
+    assert message in res.output and res.output.strip().count("\n") == 0
+    assert not (tmp_path / "out").exists()
