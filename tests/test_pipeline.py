@@ -66,6 +66,8 @@ def project(tmp_path_factory) -> Path:
             shutil.copy2(REPO / f, dst / f)
     (dst / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
     run(["git", "init", "-q"], dst)
+    run(["git", "config", "user.name", "pipeline test"], dst)  # dvc exp run commits; CI may have no global identity
+    run(["git", "config", "user.email", "test@localhost"], dst)
     run(["git", "add", "-A"], dst)
     run(["git", "commit", "-qm", "tiny"], dst)
     return dst
