@@ -7,6 +7,7 @@ Img2img:   python -m stages.sample --prompt 8 --init-image sketch.png --strength
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from sdlib import config, tracking
 from sdlib.cli import pick_device, user_errors, wrote
 from sdlib.data import make_grid_png, prompt_label, save_png, to_uint8
-from sdlib.io import atomic_dir, write_csv
+from sdlib.io import atomic_dir, atomic_path, write_csv
 from sdlib.pipeline import Prompts, generate, load_init_image, load_ldm, load_vae
 
 app = typer.Typer(add_completion=False)
@@ -48,6 +49,7 @@ def main(
     unet: Annotated[Path, typer.Option(help="trained U-Net folder (train_unet's output)")] = Path("models/unet"),
     vae: Annotated[Path, typer.Option(help="trained VAE weights")] = Path("models/vae.safetensors"),
     out: Annotated[Path, typer.Option(help="folder for the PNGs, manifest.csv and grid.png")] = Path("reports/samples"),
+    grid_copy: Annotated[Optional[Path], typer.Option("--grid", help="also write the grid here (a DVC plot)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
 ) -> None:
     """Draw images for each prompt with the trained model; writes PNGs, manifest.csv and a grid."""
@@ -85,6 +87,10 @@ def main(
                                       "path": os.path.relpath(out / name)} for p, lbl, s, name in jobs])
             write_csv(tmp / "manifest.csv", manifest)
             tracking.log_artifact(tmp / "grid.png")
+        if grid_copy is not None:
+            with atomic_path(grid_copy) as tmp_grid:
+                shutil.copyfile(out / "grid.png", tmp_grid)
+            wrote(grid_copy)
         wrote(out / "manifest.csv", out / "grid.png")
         print(f"sample: {len(jobs)} images ({cfg.sampler}, {cfg.steps} steps, guidance {cfg.guidance}) in {out}")
 
