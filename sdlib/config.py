@@ -6,13 +6,22 @@ Values that `dvc exp run -S key=value` wrote as strings (``"1e-4"``) are coerced
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SAMPLERS = ("ddpm", "ddim", "euler_maruyama", "euler", "euler_ancestral", "heun", "lms", "pndm", "dpmpp_2m")
 Sampler = Literal["ddpm", "ddim", "euler_maruyama", "euler", "euler_ancestral", "heun", "lms", "pndm", "dpmpp_2m"]
+
+
+def _levels(v: tuple[int, ...]) -> tuple[int, ...]:
+    if not v or min(v) < 1:
+        raise ValueError("must be a non-empty list of positive integers")
+    return v
+
+
+Levels = Annotated[tuple[int, ...], AfterValidator(_levels)]  # per-level width multipliers
 
 
 class ConfigError(ValueError):
@@ -42,7 +51,7 @@ class DataConfig(_Section):
 
 class VAEConfig(_Section):
     base_channels: int = Field(32, ge=1)
-    channel_mult: tuple[int, ...] = (1, 2, 2)  # one entry per level; len-1 downsamplings
+    channel_mult: Levels = (1, 2, 2)  # one entry per level; len-1 downsamplings
     num_res_blocks: int = Field(1, ge=1)
     latent_channels: int = Field(4, ge=1)
     kl_weight: float = Field(1e-6, ge=0.0)
@@ -50,13 +59,6 @@ class VAEConfig(_Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     checkpoint_every: int = Field(200, ge=1)  # optimiser steps between resumable checkpoints
-
-    @field_validator("channel_mult")
-    @classmethod
-    def _non_empty(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v or min(v) < 1:
-            raise ValueError("must be a non-empty list of positive integers")
-        return v
 
 
 class TextConfig(_Section):
@@ -76,7 +78,7 @@ class TextConfig(_Section):
 
 class UNetConfig(_Section):
     model_channels: int = Field(64, ge=8)
-    channel_mult: tuple[int, ...] = (1, 2)
+    channel_mult: Levels = (1, 2)
     num_res_blocks: int = Field(1, ge=1)
     attention_levels: tuple[int, ...] = (1,)
     transformer_depth: int = Field(1, ge=1)
@@ -90,13 +92,6 @@ class UNetConfig(_Section):
     cond_drop: float = Field(0.1, ge=0.0, lt=1.0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(200, ge=1)  # optimiser steps between resumable checkpoints
-
-    @field_validator("channel_mult")
-    @classmethod
-    def _non_empty(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v or min(v) < 1:
-            raise ValueError("must be a non-empty list of positive integers")
-        return v
 
     @field_validator("attention_levels")
     @classmethod
