@@ -23,3 +23,9 @@ def params_file(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests log nothing to the repository's mlflow.db; tests of tracking opt back in with their own store."""
+    monkeypatch.setenv("SDLIB_TRACKING", "off")
