@@ -24,11 +24,11 @@ class Rule:
     rel_tol: float  # ... or smaller than this fraction of the baseline
 
 
-# Tolerances sit above the spread seen between sampling seeds of the default model (FID and KID move by ~10% between
-# seeds at 500 samples; cond_acc by ~1-2 points), so only real regressions fail.
+# Provisional tolerances, set above the noise expected at 500 samples (KID's own subset std is ~0.02 there); they are
+# meant to be replaced by a multiple of the spread over sampling seeds once `evaluate` measures it.
 RULES: dict[str, Rule] = {
     "fid": Rule(False, abs_tol=0.5, rel_tol=0.25),
-    "kid": Rule(False, abs_tol=0.002, rel_tol=0.5),
+    "kid": Rule(False, abs_tol=0.03, rel_tol=0.5),
     "cond_acc": Rule(True, abs_tol=0.03, rel_tol=0.0),
     "precision": Rule(True, abs_tol=0.05, rel_tol=0.0),
     "recall": Rule(True, abs_tol=0.05, rel_tol=0.0),
@@ -67,7 +67,8 @@ def main(
     """Exit 1 with a table if any gated metric regressed beyond its tolerance."""
     if not current.is_file():
         raise typer.BadParameter(f"{current} not found (run `dvc repro` first)")
-    rows = regressions(json.loads(current.read_text()), read_baseline(baseline, str(current)))
+    committed = str(current) if not current.is_absolute() else "reports/metrics.json"  # its path inside the repo
+    rows = regressions(json.loads(current.read_text()), read_baseline(baseline, committed))
     print(f"{'metric':<10} {'baseline':>10} {'current':>10} {'worse by':>10} {'tolerance':>10}  verdict")
     for r in rows:
         verdict = "REGRESSED" if r["regressed"] else "ok"

@@ -138,7 +138,9 @@ def main(
         for k in ("fid", "fid_floor", "fid_inception", "kid", "precision", "recall", "cond_acc", "n_samples"):
             if k in result:
                 print(f"{k:>14}  {result[k]}")
-        artifacts = [out, confusion, samples / "grid.png"]
+        reports = out.parent
+        artifacts = [out, confusion, samples / "grid.png", *sorted(reports.glob("curves/*.csv")),
+                     *sorted(reports.glob("figures/*.png"))]
         tracking.log_pipeline_run(run_params, {**stage_metrics(out.parent, out), **result},
                                   [p for p in artifacts if p.exists()])
         wrote(out, confusion)
