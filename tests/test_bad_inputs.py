@@ -1,0 +1,73 @@
+"""Bad input, stage by stage: each gives a one-line `error:` and exit code 2 before any long work, and writes nothing."""
+import importlib
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sdlib.config import load_all
+
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """An empty working directory holding a valid params.yaml and a corrupt 'processed' dataset and checkpoints."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    load_all(repo / "params.yaml")
+    (tmp_path / "params.yaml").write_text((repo / "params.yaml").read_text())
+    (tmp_path / "corrupt").mkdir()
+    for name in ("train.safetensors", "test.safetensors", "meta.json", "captions.parquet", "model.safetensors"):
+        (tmp_path / "corrupt" / name).write_bytes(b"\x00garbage")
+    (tmp_path / "latents").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def set_param(path, dotted, value):
+    params = yaml.safe_load(path.read_text())
+    section, _, key = dotted.rpartition(".")
+    (params[section] if section else params)[key] = value
+    path.write_text(yaml.safe_dump(params))
+
+
+CASES = [
+    # (stage, params change, extra args, expected message, output that must not appear)
+    ("download", ("data.source", "imagenet"), [], "bad value for 'data.source'", "data/raw"),
+    ("download", ("data.source", "folder"), [], "folder not found", "data/raw"),
+    ("download", ("seed", -1), [], "bad value for 'seed'", "data/raw"),
+    ("preprocess", ("data.image_size", 30), [], "bad value for 'data.image_size'", "data/processed"),
+    ("preprocess", None, ["--raw", "missing"], "missing", "data/processed"),
+    ("train_vae", ("vae.lr", "fast"), [], "bad value for 'vae.lr'", "models/vae.safetensors"),
+    ("train_vae", ("vae.epochs", 0), [], "bad value for 'vae.epochs'", "models/vae.safetensors"),
+    ("train_vae", None, ["--data", "missing"], "run the preprocess stage first", "models/vae.safetensors"),
+    ("train_vae", None, ["--data", "corrupt"], "corrupt", "models/vae.safetensors"),
+    ("encode_latents", None, ["--vae", "corrupt/model.safetensors"], "not a readable safetensors checkpoint",
+     "data/latents"),
+    ("train_unet", ("epochs", "many"), [], "bad value for 'epochs'", "models/unet"),
+    ("train_unet", ("unet.skip", "multiply"), [], "bad value for 'unet.skip'", "models/unet"),
+    ("train_unet", ("text.max_length", 100), [], "bad value for 'text.max_length'", "models/unet"),
+    ("train_unet", None, ["--latents", "latents"], "run the encode_latents stage first", "models/unet"),
+    ("train_classifier", ("classifier.batch_size", 0), [], "bad value for 'classifier.batch_size'",
+     "models/classifier.safetensors"),
+    ("sample", ("sample.sampler", "magic"), [], "bad value for 'sample.sampler'", "reports/samples"),
+    ("sample", ("sample.guidance", -1), [], "bad value for 'sample.guidance'", "reports/samples"),
+    ("sample", None, ["--unet", "corrupt"], "not a readable safetensors checkpoint", "reports/samples"),
+    ("sample", None, [], "checkpoint not found", "reports/samples"),
+    ("evaluate", ("evaluate.inception_weights", "nowhere.pth"), [], "nowhere.pth not found", "reports/metrics.json"),
+    ("evaluate", None, [], "not found", "reports/metrics.json"),
+]
+
+
+@pytest.mark.parametrize("stage, change, args, message, output", CASES,
+                         ids=[f"{c[0]}-{c[3][:30]}" for c in CASES])
+def test_bad_input(workspace, stage, change, args, message, output):
+    if change is not None:
+        set_param(workspace / "params.yaml", *change)
+    app = importlib.import_module(f"stages.{stage}").app
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not (workspace / output).exists()
