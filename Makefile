@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: all install repro test test-fast ui regress bench clean
+.PHONY: all install repro compare test test-fast ui regress bench clean
 
 all: install
 
@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 
 repro: install  ## run the DVC pipeline (download -> ... -> evaluate)
 	dvc repro
+
+compare: install  ## the sampler comparison (reports/samplers.csv, samplers.png) on the trained default model
+	dvc repro compare/dvc.yaml
 
 test: install  ## unit tests + the end-to-end pipeline test on a tiny config
 	pytest -q

@@ -129,6 +129,35 @@ class SampleConfig(_Section):
 
 class EvaluateConfig(_Section):
     inception_weights: str = ""  # local pt_inception-2015-12-05 weights file; empty skips standard Inception FID
+    seed_sets: int = Field(3, ge=1)  # disjoint sets of samples (distinct seeds) each metric is computed on: mean, std
+
+
+class CompareConfig(_Section):
+    """The sampler comparison (compare/dvc.yaml): FID and prompt adherence against steps, per sampler."""
+
+    samplers: tuple[Sampler, ...] = SAMPLERS  # each runs at every count in `steps` and at its recommended count
+    steps: tuple[int, ...] = (10, 20, 50)
+    extra: tuple[str, ...] = ("ddpm:250",)  # more `sampler:steps` runs, e.g. the long-chain DDPM reference
+    n_per_prompt: int = Field(50, ge=2)  # images per prompt (prompts: sample.prompts), the same seeds for every run
+    guidance: float = Field(3.0, ge=0.0)
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(250, ge=1)
+
+    @field_validator("steps")
+    @classmethod
+    def _step_counts(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or min(v) < 1 or max(v) > 1000:
+            raise ValueError("must be a non-empty list of step counts in 1..1000")
+        return v
+
+    @field_validator("extra")
+    @classmethod
+    def _runs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for run in v:
+            name, _, steps = run.partition(":")
+            if name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= 1000:
+                raise ValueError(f"'{run}' is not sampler:steps (a sampler of {', '.join(SAMPLERS)}, steps 1..1000)")
+        return v
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -139,6 +168,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "classifier": ClassifierConfig,
     "sample": SampleConfig,
     "evaluate": EvaluateConfig,
+    "compare": CompareConfig,
 }
 TOP_LEVEL = {"seed": int, "epochs": int}
 

@@ -25,6 +25,11 @@ from sdlib.unet import UNet, UNetArgs
 from sdlib.vae import AutoencoderKL, VAEArgs
 
 
+def save_vae(path: str | Path, vae: AutoencoderKL) -> None:
+    """The VAE's weights with its config, so that `load_vae` rebuilds it from the file alone."""
+    save_weights(path, vae.state_dict(), {"kind": "vae", "args": vae.args.to_dict()})
+
+
 def load_vae(path: Path, device: torch.device | str = "cpu") -> AutoencoderKL:
     """Rebuild the VAE from its checkpoint alone."""
     tensors, meta = load_weights(path, kind="vae")

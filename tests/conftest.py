@@ -42,3 +42,26 @@ def mnist_digits():
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     images = torch.tensor(x, dtype=torch.float32)[order].view(-1, 1, 28, 28) / 127.5 - 1
     return F.pad(images, (2, 2, 2, 2), value=-1.0), torch.tensor(y)[order]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """An untrained tiny latent diffusion model (models/unet layout: weights + tokenizer) and VAE drawing 8x8 digits."""
+    import torch
+
+    from sdlib.config import TextConfig
+    from sdlib.data import DIGIT_NAMES
+    from sdlib.pipeline import DiffusionArgs, LatentDiffusion, save_ldm, save_vae
+    from sdlib.text import write_clip_tokenizer_files
+    from sdlib.unet import UNetArgs
+    from sdlib.vae import AutoencoderKL, VAEArgs
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    torch.manual_seed(0)
+    text = TextConfig(hidden_size=16, num_layers=1, num_heads=2, max_length=8)
+    model = LatentDiffusion(UNetArgs(in_channels=4, context_dim=16, model_channels=8, channel_mult=(1, 2),
+                                     num_heads=2), text, DiffusionArgs(), (4, 4))
+    save_ldm(root / "unet" / "model.safetensors", model, {"classes": list(DIGIT_NAMES), "digits": True})
+    write_clip_tokenizer_files(root / "unet" / "tokenizer")
+    save_vae(root / "vae.safetensors", AutoencoderKL(VAEArgs(in_channels=1, base_channels=8, channel_mult=(1, 2))))
+    return root

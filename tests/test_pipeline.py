@@ -37,7 +37,7 @@ TINY = {
     "classifier": {"epochs": 1, "batch_size": 64, "lr": 3e-3},
     "sample": {"prompts": ["3", "a handwritten digit eight"], "n_per_prompt": 3, "sampler": "ddim", "steps": 4,
                "guidance": 2.0, "schedule": "auto", "negative_prompt": "", "seed": 0, "batch_size": 4},
-    "evaluate": {"inception_weights": ""},
+    "evaluate": {"inception_weights": "", "seed_sets": 3},
 }
 
 
@@ -76,18 +76,21 @@ def project(tmp_path_factory) -> Path:
 def test_repro_produces_metrics_samples_and_runs(project):
     run(["dvc", "repro"], project)
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    for key in ("fid", "fid_floor", "kid", "precision", "recall", "cond_acc", "n_samples"):
+    for key in ("fid", "fid_std", "fid_floor", "kid", "precision", "recall", "cond_acc", "vae_psnr", "vae_rfid",
+                "n_samples"):
         assert key in metrics, key
-    assert metrics["n_samples"] == 6 and 0.0 <= metrics["cond_acc"] <= 1.0 and metrics["fid"] >= 0.0
+    assert metrics["n_samples"] == 2 and metrics["n_seed_sets"] == 3 and 0.0 <= metrics["cond_acc"] <= 1.0 and metrics["fid"] >= 0.0
     manifest = pd.read_csv(project / "reports/samples/manifest.csv")
     assert list(manifest.columns) == ["prompt", "label", "seed", "path"]
     assert manifest["label"].tolist() == [3, 3, 3, 8, 8, 8] and manifest["seed"].is_unique
     assert all((project / p).is_file() for p in manifest["path"])
     assert (project / "reports/samples/grid.png").is_file()
+    report = (project / "reports/report.md").read_text()
+    assert "| FID |" in report and "](grid.png)" in report and (project / "reports/curves.png").is_file()
     assert json.loads((project / "reports/train_vae.json").read_text())["psnr"] > 5.0
     with sqlite3.connect(project / "mlflow.db") as db:
         stages = {r[0] for r in db.execute("select value from tags where key = 'stage'")}
-    assert {"train_vae", "train_unet", "sample", "pipeline"} <= stages
+    assert {"train_vae", "train_unet", "sample", "evaluate", "pipeline"} <= stages
 
 
 def test_exp_run_is_its_own_mlflow_row(project):

