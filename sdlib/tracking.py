@@ -1,7 +1,7 @@
 """MLflow tracking shared by all stages.
 
 One absolute SQLite store under the repository root (`$DVC_ROOT/mlflow.db`), so workspace runs, `dvc exp run --temp`
-and queued runs all land in the same place. Each stage logs its own run in the experiment `sd-stages`; `evaluate`
+and queued runs all land in the same place. Each stage logs its own run in the experiment `sd-stages`; `report`
 logs the one row per pipeline run, in `sd-pipeline`, with every param of the run, the final metrics and the images.
 Set `MLFLOW_TRACKING_URI` to use another server; `SDLIB_TRACKING=off` disables tracking.
 """
