@@ -57,6 +57,10 @@ CASES = [
     ("sample", None, [], "checkpoint not found", "reports/samples"),
     ("evaluate", ("evaluate.inception_weights", "nowhere.pth"), [], "nowhere.pth not found", "reports/metrics.json"),
     ("evaluate", None, [], "not found", "reports/metrics.json"),
+    ("evaluate", ("evaluate.seed_sets", 0), [], "bad value for 'evaluate.seed_sets'", "reports/metrics.json"),
+    ("report", None, [], "run the evaluate stage first", "reports/report.md"),
+    ("compare_samplers", ("compare.extra", ["ddpm"]), [], "'ddpm' is not sampler:steps", "reports/samplers.csv"),
+    ("compare_samplers", None, [], "checkpoint not found", "reports/samplers.csv"),
 ]
 
 
