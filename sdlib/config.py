@@ -22,6 +22,7 @@ def _levels(v: tuple[int, ...]) -> tuple[int, ...]:
 
 
 Levels = Annotated[tuple[int, ...], AfterValidator(_levels)]  # per-level width multipliers
+Precision = Literal["auto", "fp32", "bf16"]  # training arithmetic; see sdlib.trainer.fast_path
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,9 @@ class VAEConfig(_Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     checkpoint_every: int = Field(200, ge=1)  # optimiser steps between resumable checkpoints
+    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 is exact IEEE (no TF32)
+    compile: bool = False  # torch.compile the network (CUDA: a minute of compiling, then faster steps)
+    log_every: int = Field(50, ge=1)  # steps between reads of the loss from the device (logging, non-finite guard)
 
 
 class TextConfig(_Section):
@@ -92,6 +96,9 @@ class UNetConfig(_Section):
     cond_drop: float = Field(0.1, ge=0.0, lt=1.0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(200, ge=1)  # optimiser steps between resumable checkpoints
+    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 is exact IEEE (no TF32)
+    compile: bool = False  # torch.compile the network (CUDA: a minute of compiling, then faster steps)
+    log_every: int = Field(50, ge=1)  # steps between reads of the loss from the device (logging, non-finite guard)
 
     @field_validator("attention_levels")
     @classmethod

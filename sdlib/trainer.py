@@ -4,21 +4,30 @@ All randomness of step `s` comes from generators seeded by (seed, s), and the da
 (seed, e), so a run resumed from a checkpoint replays exactly what the uninterrupted run would have done: on the CPU
 the final weights are bit-identical. Checkpoints hold model, EMA, optimizer, scheduler and step; they are written
 atomically and carry a fingerprint of the params and inputs, so a checkpoint of a different run is never resumed.
+
+Under `torchrun` the same loop runs data-parallel (DDP): every rank draws the randomness of the whole global batch
+from the step generator and keeps its contiguous slice, so N processes compute what one process would, up to
+floating-point rounding. The step never waits for the device: losses stay on it and are read every `log_every` steps.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as tdist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from sdlib.config import ConfigError, Precision
 from sdlib.io import atomic_path
 
 SEED_STRIDE = 1_000_003  # keeps (seed, step) streams of different seeds apart
@@ -46,6 +55,102 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
 
 def steps_for(n: int, batch_size: int, epochs: int) -> int:
     return max(n // batch_size, 1) * epochs
+
+
+class Batches:
+    """`batch_indices` as a tensor on `device`, copied there once per epoch so that a step never waits on the host."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device):
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+        self.per_epoch = max(n // batch_size, 1)
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            perm = epoch_permutation(self.n, self.seed, epoch)
+            if self.device.type == "cuda":  # from pinned memory the copy is asynchronous
+                perm = perm.pin_memory().to(self.device, non_blocking=True)
+            self._epoch, self._perm = epoch, perm
+        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a data-parallel job: rank `rank` of `world_size` (0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints, outputs and tracking logs."""
+        return self.rank == 0
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch: (B, ...) -> (B / world_size, ...)."""
+        if self.world_size == 1:
+            return x
+        b = len(x) // self.world_size
+        return x[self.rank * b:(self.rank + 1) * b]
+
+    def check_batch(self, batch_size: int, n: int, key: str) -> None:
+        """The global batch (`batch_size`, or all `n` examples when fewer) must split evenly across the processes."""
+        if min(batch_size, n) % self.world_size:
+            fewer = f" (the data holds only {n} examples)" if n < batch_size else ""
+            raise ConfigError(f"params: '{key}' ({batch_size}) must be divisible by the number of processes "
+                              f"({self.world_size}){fewer}")
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            tdist.barrier()
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device) -> Iterator[tuple[Dist, torch.device]]:
+    """Join the torchrun job the environment describes (WORLD_SIZE, RANK, LOCAL_RANK); a no-op in one process.
+
+    Yields (dist, device): on CUDA each process takes GPU `LOCAL_RANK` and talks NCCL, on the CPU gloo.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        yield Dist(), device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        tdist.init_process_group("nccl", device_id=device)
+    else:
+        tdist.init_process_group("gloo")
+    try:
+        yield Dist(tdist.get_rank(), tdist.get_world_size()), device
+    finally:
+        tdist.destroy_process_group()
+
+
+def fast_path(modules: Sequence[nn.Module], device: torch.device, precision: Precision,
+              compile: bool) -> torch.dtype | None:
+    """Set up the GPU fast path for the networks in `modules`; returns the autocast dtype (None: plain fp32).
+
+    On CUDA: channels_last weights, cuDNN autotuning, and with bf16 also TF32 for what autocast leaves in fp32;
+    `fp32` stays exact IEEE float32. `compile` compiles each module in place (its state-dict keys do not change).
+    """
+    amp = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if amp else "highest")
+        torch.backends.cudnn.allow_tf32 = amp is not None
+        torch.backends.cudnn.benchmark = True  # shapes never change during training
+    for m in modules:
+        if device.type == "cuda":
+            m.to(memory_format=torch.channels_last)
+        if compile:
+            m.compile()
+    return amp
+
+
+def adamw(params, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW without weight decay; on CUDA the fused kernel (one launch per step, not one per tensor)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True if device.type == "cuda" else None)
 
 
 def warmup_cosine(total_steps: int, warmup: int, final_frac: float = 0.1) -> Callable[[int], float]:
@@ -144,11 +249,33 @@ class History:
         self._acc, self._n = {}, 0
         return row
 
+    def state_dict(self) -> dict:
+        """Finished epochs and the running sums of the current one, so a resumed run logs the same means."""
+        return {"rows": self.rows, "acc": self._acc, "n": self._n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows, self._acc, self._n = state["rows"], dict(state["acc"]), state["n"]
+
+
+class _Step(nn.Module):
+    """Runs `loss_fn` as the forward of a module holding `model`, so that DDP sees every step and syncs gradients."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, step: int, generator: torch.Generator):
+        return self.loss_fn(step, generator)
+
+
+def _finite_weights(model: nn.Module) -> bool:
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+
 
 def fit(
     *,
     model: nn.Module,
-    loss_fn: Callable[[int, torch.Generator], tuple[torch.Tensor, dict[str, float]]],
+    loss_fn: Callable[[int, torch.Generator], tuple[torch.Tensor, dict[str, torch.Tensor]]],
     optimizer: torch.optim.Optimizer,
     total_steps: int,
     steps_per_epoch: int,
@@ -161,8 +288,17 @@ def fit(
     grad_clip: float = 1.0,
     on_epoch: Callable[[dict], None] | None = None,
     desc: str = "train",
+    dist: Dist = Dist(),
+    log_every: int = 50,
+    autocast: torch.dtype | None = None,
 ) -> History:
-    """Run `total_steps` optimiser steps of `loss_fn(step, generator) -> (loss, logs)`, resuming if possible."""
+    """Run `total_steps` optimiser steps of `loss_fn(step, generator) -> (loss, logs)`, resuming if possible.
+
+    `loss_fn` computes this rank's share of the global batch; `logs` are extra scalar tensors for the history.
+    Values stay on the device and are read (averaged over ranks, checked for non-finite values) every `log_every`
+    steps, at epoch ends and before each checkpoint, which is saved by rank 0 only and never with non-finite weights.
+    `on_epoch` runs on rank 0 only; `autocast` runs `loss_fn` under torch.autocast with that dtype.
+    """
     history = History()
     start = 0
     state = checkpointer.load()
@@ -173,25 +309,49 @@ def fit(
             scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        history.rows = state["history"]
+        history.load_state_dict(state["history"])
         start = state["step"]
-        print(f"resuming from {checkpointer.path} at step {start}/{total_steps}", file=sys.stderr)
+        if dist.is_main:
+            print(f"resuming from {checkpointer.path} at step {start}/{total_steps}", file=sys.stderr)
 
     def save(step: int) -> None:
-        checkpointer.save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "scheduler": scheduler.state_dict() if scheduler is not None else {},
-            "ema": ema.state_dict() if ema is not None else {}, "history": history.rows,
-        })
+        if not _finite_weights(model):
+            raise TrainingError(f"non-finite weights after step {step - 1}; "
+                                f"the last good checkpoint is kept at {checkpointer.path}")
+        if dist.is_main:
+            checkpointer.save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                "ema": ema.state_dict() if ema is not None else {}, "history": history.state_dict(),
+            })
 
     model.train()
+    step_fn = loss_fn
+    if dist.world_size > 1:  # built after resuming; DDP broadcasts rank 0's weights, equal on every rank anyway
+        step_fn = DistributedDataParallel(_Step(model, loss_fn), device_ids=[device] if device.type == "cuda" else None,
+                                          broadcast_buffers=False)
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc=desc, unit="step",
-               file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+               file=sys.stderr, dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
+    keys: list[str] = []
+    pending: list[torch.Tensor] = []  # one (1 + len(logs),) tensor per step not yet read
+
+    def sync(end: int) -> None:
+        """Read the values of steps [end - len(pending), end): mean over ranks, non-finite guard, history."""
+        values = torch.stack(pending)  # (steps, 1 + len(logs))
+        pending.clear()
+        if dist.world_size > 1:
+            tdist.all_reduce(values)
+            values /= dist.world_size
+        for i, row in enumerate(values.tolist(), start=end - len(values)):
+            if not all(math.isfinite(v) for v in row):
+                raise TrainingError(f"non-finite loss ({row[0]}) at step {i}; "
+                                    f"the last good checkpoint is kept at {checkpointer.path}")
+            history.add(dict(zip(keys, row)))
+        bar.set_postfix(loss=f"{history._acc['loss'] / history._n:.4f}", refresh=False)
+
     for step in bar:
-        loss, logs = loss_fn(step, step_generator(seed, step, device))
-        if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}; "
-                                f"the last good checkpoint is kept at {checkpointer.path}")
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            loss, logs = step_fn(step, step_generator(seed, step, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -201,13 +361,20 @@ def fit(
             scheduler.step()
         if ema is not None:
             ema.update(model, step)
-        history.add({"loss": loss.item(), **logs})
-        bar.set_postfix(loss=f"{history._acc['loss'] / history._n:.4f}", refresh=False)
-        if (step + 1) % steps_per_epoch == 0:
-            row = history.end_epoch((step + 1) // steps_per_epoch)
-            if on_epoch is not None:
+        keys = keys or ["loss", *logs]
+        pending.append(torch.stack([loss.detach().float(), *(v.detach().float() for v in logs.values())]))
+        done = step + 1
+        epoch_end, checkpoint = done % steps_per_epoch == 0, done % checkpoint_every == 0 and done < total_steps
+        if epoch_end or checkpoint or done % log_every == 0 or done == total_steps:
+            sync(done)
+        if epoch_end:
+            row = history.end_epoch(done // steps_per_epoch)
+            if on_epoch is not None and dist.is_main:
                 on_epoch(row)
-        if (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
-            save(step + 1)
+        if checkpoint:
+            save(done)
     bar.close()
+    if not _finite_weights(model):
+        raise TrainingError(f"non-finite weights after step {total_steps - 1}; "
+                            f"the last good checkpoint is kept at {checkpointer.path}")
     return history

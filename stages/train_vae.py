@@ -1,6 +1,7 @@
 """Train the KL-regularised autoencoder that defines the latent space; report reconstruction PSNR on the test split."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +13,8 @@ from sdlib import config, tracking
 from sdlib.cli import pick_device, user_errors, wrote
 from sdlib.data import load_split
 from sdlib.io import save_weights, write_csv, write_json
-from sdlib.trainer import Checkpointer, batch_indices, fingerprint, fit, steps_for, warmup_cosine
+from sdlib.trainer import (Batches, Checkpointer, adamw, distributed, fast_path, fingerprint, fit, steps_for,
+                           warmup_cosine)
 from sdlib.vae import AutoencoderKL, VAEArgs, psnr, vae_loss
 
 app = typer.Typer(add_completion=False)
@@ -33,44 +35,59 @@ def main(
     metrics: Annotated[Path, typer.Option(help="metrics JSON")] = Path("reports/train_vae.json"),
     curve: Annotated[Path, typer.Option(help="loss-per-epoch CSV (a DVC plot)")] = Path("reports/curves/vae.csv"),
     checkpoint: Annotated[Path, typer.Option(help="resumable training state")] = Path("checkpoints/train_vae.pt"),
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] (under torchrun: cuda:LOCAL_RANK)")] = "auto",
 ) -> None:
-    """Train the VAE (SD's AutoencoderKL design) on the preprocessed images."""
+    """Train the VAE (SD's AutoencoderKL design) on the preprocessed images.
+
+    Data-parallel on N GPUs (or CPU processes): `torchrun --nproc_per_node N -m stages.train_vae ...`.
+    """
     with user_errors():
         raw = config.read_params(params)
         cfg, seed = config.parse_section("vae", raw.get("vae")), config.top_level(raw, "seed")
-        dev = pick_device(device)
         train, test = load_split(data, "train"), load_split(data, "test")
+        n = len(train.images)
 
-        torch.manual_seed(seed)  # parameter initialisation only; the loop uses its own per-step generators
-        args = VAEArgs.from_config(cfg, in_channels=train.images.shape[1])
-        vae = AutoencoderKL(args).to(dev)
-        images = train.images.to(dev)
-        optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-        total = steps_for(len(images), cfg.batch_size, cfg.epochs)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup=min(100, total // 10)))
+        with distributed(pick_device(device)) as (dist, dev):
+            dist.check_batch(cfg.batch_size, n, "vae.batch_size")
+            torch.manual_seed(seed)  # parameter initialisation only; the loop uses its own per-step generators
+            args = VAEArgs.from_config(cfg, in_channels=train.images.shape[1])
+            vae = AutoencoderKL(args).to(dev)
+            amp = fast_path([vae.encoder, vae.decoder], dev, cfg.precision, cfg.compile)
+            fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+            images = train.images.to(dev, memory_format=fmt)  # the whole data set lives on the device
+            batches = Batches(n, cfg.batch_size, seed, dev)
+            optimizer = adamw(vae.parameters(), cfg.lr, dev)
+            total = steps_for(n, cfg.batch_size, cfg.epochs)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup=min(100, total // 10)))
 
-        def loss_fn(step: int, gen: torch.Generator):
-            x = images[batch_indices(len(images), cfg.batch_size, seed, step).to(dev)]
-            recon, posterior = vae(x, generator=gen)
-            loss, rec, kl = vae_loss(x, recon, posterior, cfg.kl_weight)
-            return loss, {"rec": rec.item(), "kl": kl.item()}
+            def loss_fn(step: int, gen: torch.Generator):
+                idx = batches(step)  # (B,) the global batch
+                x = images[dist.shard(idx)]
+                posterior = vae.encode(x)
+                shape = (len(idx), *posterior.mean.shape[1:])  # the draw is for the global batch, then sliced
+                noise = dist.shard(torch.randn(shape, generator=gen, device=dev, dtype=posterior.mean.dtype))
+                recon = vae.decode(posterior.mean + posterior.std * noise)  # a posterior sample, as vae(x, gen)
+                loss, rec, kl = vae_loss(x, recon, posterior, cfg.kl_weight)
+                return loss, {"rec": rec, "kl": kl}
 
-        run_params = {**{f"vae.{k}": v for k, v in cfg.model_dump().items()}, "seed": seed}
-        with tracking.stage_run("train_vae", run_params):
+            run_params = {**{f"vae.{k}": v for k, v in cfg.model_dump().items()}, "seed": seed}
             ckpt = Checkpointer(checkpoint, fingerprint(cfg.model_dump(), seed, files=(data / "train.safetensors",)))
-            history = fit(model=vae, loss_fn=loss_fn, optimizer=optimizer, total_steps=total,
-                          steps_per_epoch=max(len(images) // cfg.batch_size, 1), seed=seed, device=dev,
-                          checkpointer=ckpt, checkpoint_every=cfg.checkpoint_every, scheduler=scheduler,
-                          on_epoch=lambda row: tracking.log_metrics(row, step=row["epoch"]), desc="train_vae")
-            n_params = sum(p.numel() for p in vae.parameters())
-            result = {"psnr": round(evaluate_psnr(vae, test.images.to(dev)), 3),
-                      "loss": round(history.rows[-1]["loss"], 5), "params_m": round(n_params / 1e6, 3)}
-            tracking.log_metrics(result)
-            save_weights(out, vae.state_dict(), {"kind": "vae", "args": args.to_dict()})
-            write_json(metrics, result)
-            write_csv(curve, pd.DataFrame(history.rows))
-            ckpt.clear()
+            with tracking.stage_run("train_vae", run_params) if dist.is_main else contextlib.nullcontext():
+                history = fit(model=vae, loss_fn=loss_fn, optimizer=optimizer, total_steps=total,
+                              steps_per_epoch=max(n // cfg.batch_size, 1), seed=seed, device=dev,
+                              checkpointer=ckpt, checkpoint_every=cfg.checkpoint_every, scheduler=scheduler,
+                              on_epoch=lambda row: tracking.log_metrics(row, step=row["epoch"]), desc="train_vae",
+                              dist=dist, log_every=cfg.log_every, autocast=amp)
+                if not dist.is_main:  # rank 0 alone evaluates and writes the outputs
+                    return
+                n_params = sum(p.numel() for p in vae.parameters())
+                result = {"psnr": round(evaluate_psnr(vae, test.images.to(dev, memory_format=fmt)), 3),
+                          "loss": round(history.rows[-1]["loss"], 5), "params_m": round(n_params / 1e6, 3)}
+                tracking.log_metrics(result)
+                save_weights(out, vae.state_dict(), {"kind": "vae", "args": args.to_dict()})
+                write_json(metrics, result)
+                write_csv(curve, pd.DataFrame(history.rows))
+                ckpt.clear()
         wrote(out, metrics, curve)
         print(f"train_vae: test PSNR {result['psnr']:.2f} dB")
 

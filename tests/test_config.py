@@ -20,6 +20,14 @@ def test_dvc_set_strings_are_coerced():
     # `dvc exp run -S unet.lr=1e-4` can leave "1e-4" in params.yaml, which PyYAML reads as a string.
     assert config.parse_section("unet", {"lr": "1e-4"}).lr == pytest.approx(1e-4)
     assert config.top_level({"epochs": "500"}, "epochs") == 500
+    fast = config.parse_section("unet", {"compile": "true", "log_every": "10", "precision": "bf16"})
+    assert fast.compile is True and fast.log_every == 10 and fast.precision == "bf16"
+
+
+def test_fast_path_defaults_are_cpu_safe():
+    for section in ("unet", "vae"):
+        cfg = config.parse_section(section, {})
+        assert (cfg.precision, cfg.compile) == ("auto", False) and cfg.log_every >= 1
 
 
 @pytest.mark.parametrize(
@@ -37,6 +45,9 @@ def test_dvc_set_strings_are_coerced():
         ("data", {"image_size": 30}, "bad value for 'data.image_size'"),
         ("text", {"hidden_size": 30, "num_heads": 4}, "bad value for 'text.num_heads'"),
         ("vae", "not a mapping", "section 'vae' must be a mapping"),
+        ("unet", {"precision": "fp16"}, "bad value for 'unet.precision'"),
+        ("vae", {"compile": "maybe"}, "bad value for 'vae.compile'"),
+        ("vae", {"log_every": 0}, "bad value for 'vae.log_every'"),
     ],
 )
 def test_bad_values_name_the_key(section, values, message):

@@ -1,6 +1,7 @@
 """The training loop: deterministic resume (bit-identical), non-finite guard, stale and malicious checkpoints."""
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ X = torch.linspace(-1, 1, 40)[:, None]
 Y = 3 * X + 0.5
 
 
-def run(tmp_path, total, stop_at=None, fp="a", lr=0.05):
+def run(tmp_path, total, stop_at=None, fp="a", lr=0.05, **fit_args):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -27,9 +28,9 @@ def run(tmp_path, total, stop_at=None, fp="a", lr=0.05):
         noise = 0.01 * torch.randn(8, 1, generator=gen)
         return (model(X[idx] + noise) - Y[idx]).pow(2).mean(), {}
 
-    hist = fit(model=model, loss_fn=loss_fn, optimizer=opt, total_steps=total, steps_per_epoch=5, seed=1,
-               device=torch.device("cpu"), checkpointer=Checkpointer(tmp_path / "ckpt.pt", fp), checkpoint_every=4,
-               ema=ema, scheduler=sched)
+    fit_args = {"steps_per_epoch": 5, "checkpoint_every": 4, **fit_args}
+    hist = fit(model=model, loss_fn=loss_fn, optimizer=opt, total_steps=total, seed=1, device=torch.device("cpu"),
+               checkpointer=Checkpointer(tmp_path / "ckpt.pt", fp), ema=ema, scheduler=sched, **fit_args)
     return model, ema, hist
 
 
@@ -43,6 +44,7 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
     for a, b in zip(ref_ema.shadow, resumed_ema.shadow):
         assert torch.equal(a, b)
+    assert hist.rows == ref_hist.rows  # the epoch cut at step 17 is logged in full
     assert [r["epoch"] for r in hist.rows] == [1, 2, 3, 4, 5, 6]
     assert ref_hist.rows[-1]["loss"] < ref_hist.rows[0]["loss"]
 
@@ -60,6 +62,30 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     # the error message points at the last good checkpoint, which is still loadable
     state = Checkpointer(tmp_path / "ckpt.pt", "a").load()
     assert state is not None and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("log_every", [1, 7, 1000])
+def test_non_finite_guard_names_the_first_bad_step_whatever_log_every(tmp_path, log_every):
+    # one epoch and no checkpoint: the loss is read only every `log_every` steps and at the end
+    with pytest.raises(TrainingError) as err:
+        run(tmp_path, 60, lr=1e6, steps_per_epoch=60, checkpoint_every=1000, log_every=log_every)
+    first_bad = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    with pytest.raises(TrainingError, match=rf"at step {first_bad};"):
+        run(tmp_path / "every", 60, lr=1e6, steps_per_epoch=60, checkpoint_every=1000, log_every=1)
+    assert 0 < first_bad < 60
+
+
+def test_checkpoint_never_holds_non_finite_weights(tmp_path):
+    model = nn.Linear(1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def loss_fn(step, gen):  # always 0, but the first gradient is infinite and makes the weights NaN
+        return (model.weight - model.weight.detach()).sqrt().nan_to_num(0.0).sum(), {}
+
+    with pytest.raises(TrainingError, match=r"non-finite weights after step 3; the last good checkpoint"):
+        fit(model=model, loss_fn=loss_fn, optimizer=opt, total_steps=10, steps_per_epoch=10, seed=0,
+            device=torch.device("cpu"), checkpointer=Checkpointer(tmp_path / "ckpt.pt", "a"), checkpoint_every=4)
+    assert not (tmp_path / "ckpt.pt").exists()
 
 
 class Payload:
