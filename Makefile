@@ -31,6 +31,11 @@ test-fast: install  ## unit tests only
 regress: install  ## fail if reports/metrics.json regressed against the one committed on main
 	python -m sdlib.regress --baseline main
 
+bench: install  ## U-Net training step vs diffusers, and images/s per sampler, on the CPU (bench/RESULTS.md)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	python bench/unet_step.py --preset cpu-small --device cpu
+	python bench/sampling.py --device cpu
+
 ui: install  ## the MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
