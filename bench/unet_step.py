@@ -10,8 +10,9 @@ diffusers in the same mode, also the median of per-round ratios.
     python bench/unet_step.py --preset cpu-small --mode eager --mode compile
     python bench/unet_step.py --preset mnist-35m --mode eager --mode compile   # CUDA: bf16 autocast, channels_last
 
-On CUDA every net gets the training fast path of `stages/train_unet.py`: channels_last weights and inputs, bf16
-autocast with TF32 for what stays in fp32, cuDNN autotuning, fused AdamW, and PyTorch's SDPA in both nets.
+Both nets get the set-up of `stages/train_unet.py` (`sdlib.trainer.fast_path` and `adamw`): on CUDA channels_last,
+bf16 autocast with TF32 for what stays in fp32, cuDNN autotuning and fused AdamW; fp32 and AdamW's default on the CPU.
+Both attend with PyTorch's SDPA.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sdlib.cli import pick_device
 from sdlib.denoisers import Denoiser
 from sdlib.schedules import alphas_cumprod, betas
+from sdlib.trainer import adamw, fast_path
 from sdlib.unet import UNet, UNetArgs
 
 app = typer.Typer(add_completion=False)
@@ -112,37 +114,34 @@ class Case:
     mode: Mode
     step: Callable[[], None]
     params: int
-    flops_per_step: int = 0
+    dtype: str  # fp32 | bf16-autocast
+    flops_per_step: int
     warmup_s: float = 0.0
     seconds: list[float] | None = None  # timed seconds per round
 
 
-def make_case(impl: str, mode: Mode, s: Setup, device: torch.device, amp: torch.dtype | None,
-              batch: tuple[torch.Tensor, torch.Tensor], seed: int) -> Case:
+def make_case(impl: str, mode: Mode, s: Setup, device: torch.device, batch: tuple[torch.Tensor, torch.Tensor],
+              seed: int) -> Case:
     torch.manual_seed(seed)
     net = UNet(s.unet) if impl == "sdlib" else DiffusersNet(diffusers_unet(s.unet, s.latent_size))
     net = net.to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    params = n_params(net)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0,  # as train_unet
-                                  fused=True if device.type == "cuda" else None)
-    ac = alphas_cumprod(betas("scaled_linear", 1000)).float().to(device)
+    amp = fast_path([net], device, "auto", compile=False)  # train_unet's: on CUDA bf16, channels_last, TF32
+    optimizer = adamw(net.parameters(), lr=1e-3, device=device)  # train_unet's: fused on CUDA
+    denoiser = Denoiser(net, alphas_cumprod(betas("scaled_linear", 1000)).float()).to(device)
     x0, context = batch
     gen = torch.Generator(device).manual_seed(seed)
 
-    def stepper(denoiser: Denoiser) -> Callable[[], None]:
-        def step() -> None:
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = denoiser.loss(x0, context, generator=gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return step
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = denoiser.loss(x0, context, generator=gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
-    flops = count_flops(stepper(Denoiser(net, ac).to(device)))  # counted eagerly: compiled code is the same math
-    step = stepper(Denoiser(torch.compile(net) if mode == Mode.compile else net, ac).to(device))
-    return Case(impl, mode, step, params, flops)
+    flops = count_flops(step)  # counted eagerly: the compiled step does the same math
+    if mode == Mode.compile:
+        net.compile()  # in place, as fast_path(compile=True) does
+    return Case(impl, mode, step, n_params(net), "bf16-autocast" if amp else "fp32", flops)
 
 
 def sync(device: torch.device) -> None:
@@ -209,12 +208,6 @@ def main(
                  "transformer_depth": transformer_depth, "num_heads": num_heads, "context_dim": context_dim}
     s = replace(s, unet=replace(s.unet, **{k: v for k, v in overrides.items() if v is not None}),
                 batch=batch or s.batch, latent_size=latent_size or s.latent_size)
-    amp = torch.bfloat16 if dev.type == "cuda" else None
-    if dev.type == "cuda":  # the fast path of training, for both nets
-        torch.set_float32_matmul_precision("high")
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
     gen = torch.Generator().manual_seed(seed)
     a = s.unet
     x0 = torch.randn(s.batch, a.in_channels, s.latent_size, s.latent_size, generator=gen).to(dev)  # (B, C, H, W)
@@ -222,7 +215,7 @@ def main(
         x0 = x0.contiguous(memory_format=torch.channels_last)
     context = torch.randn(s.batch, s.context_len, a.context_dim, generator=gen).to(dev)  # (B, L, D)
     modes = list(dict.fromkeys(mode or [Mode.eager]))
-    cases = [make_case(impl, m, s, dev, amp, (x0, context), seed) for m in modes for impl in ("sdlib", "diffusers")]
+    cases = [make_case(impl, m, s, dev, (x0, context), seed) for m in modes for impl in ("sdlib", "diffusers")]
 
     ours, theirs = cases[0].params, cases[1].params
     params_ratio = ours / theirs
@@ -257,7 +250,7 @@ def main(
         tflops = flops * rate / 1e12
         print(json.dumps({
             "bench": "unet_step", "impl": c.impl, "mode": c.mode.value, "preset": preset.value,
-            "device": dev.type, "device_name": device_name(dev), "dtype": "bf16-autocast" if amp else "fp32",
+            "device": dev.type, "device_name": device_name(dev), "dtype": c.dtype,
             "torch": torch.__version__, "threads": torch.get_num_threads() if dev.type == "cpu" else None,
             "batch": s.batch, "latent": [a.in_channels, s.latent_size, s.latent_size], "unet": a.to_dict(),
             "params": c.params, "params_diffusers": theirs, "params_ratio": round(params_ratio, 4),
