@@ -101,10 +101,6 @@ class Dist:
             raise ConfigError(f"params: '{key}' ({batch_size}) must be divisible by the number of processes "
                               f"({self.world_size}){fewer}")
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            tdist.barrier()
-
 
 @contextlib.contextmanager
 def distributed(device: torch.device) -> Iterator[tuple[Dist, torch.device]]:
@@ -268,10 +264,6 @@ class _Step(nn.Module):
         return self.loss_fn(step, generator)
 
 
-def _finite_weights(model: nn.Module) -> bool:
-    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
-
-
 def fit(
     *,
     model: nn.Module,
@@ -314,10 +306,13 @@ def fit(
         if dist.is_main:
             print(f"resuming from {checkpointer.path} at step {start}/{total_steps}", file=sys.stderr)
 
-    def save(step: int) -> None:
-        if not _finite_weights(model):
-            raise TrainingError(f"non-finite weights after step {step - 1}; "
+    def check_weights(done: int) -> None:
+        if not bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()):
+            raise TrainingError(f"non-finite weights after step {done - 1}; "
                                 f"the last good checkpoint is kept at {checkpointer.path}")
+
+    def save(step: int) -> None:
+        check_weights(step)
         if dist.is_main:
             checkpointer.save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
@@ -374,7 +369,5 @@ def fit(
         if checkpoint:
             save(done)
     bar.close()
-    if not _finite_weights(model):
-        raise TrainingError(f"non-finite weights after step {total_steps - 1}; "
-                            f"the last good checkpoint is kept at {checkpointer.path}")
+    check_weights(total_steps)
     return history
