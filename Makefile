@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: all install repro compare test test-fast ui regress bench clean
+.PHONY: all install repro compare plots test test-fast ui regress bench clean
 
 all: install
 
@@ -21,6 +21,9 @@ repro: install  ## run the DVC pipeline (download -> ... -> evaluate)
 
 compare: install  ## the sampler comparison (reports/samplers.csv, samplers.png) on the trained default model
 	dvc repro compare/dvc.yaml
+
+plots: install  ## `dvc plots show` as an offline page: dvc_plots/index.html
+	python -m sdlib.plots --out dvc_plots
 
 test: install  ## unit tests + the end-to-end pipeline test on a tiny config
 	pytest -q

@@ -28,6 +28,7 @@ from sdlib.io import CheckpointError
 FEATURE_EXTRACTOR = "sdlib-classifier"
 PENULTIMATE = "penultimate"
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, PIL's RGB -> L
+PRC_NEIGHBOURS = 3  # k of precision/recall's k-NN balls (torch-fidelity's default, Kynkaanniemi et al. 2019)
 
 
 class ClassifierFeatures(FeatureExtractorBase):
@@ -120,7 +121,7 @@ def fidelity_metrics(
     classifier_path: str | Path,
     device: torch.device | str,
     *,
-    prc: bool = True,  # also precision and recall (k = 3 nearest neighbours)
+    prc: bool = True,  # also precision and recall (PRC_NEIGHBOURS nearest neighbours; needs more images than that)
     kid: bool = True,  # also KID, over 100 random subsets of `kid_subset_size(n)` images
     batch_size: int = 250,  # images per feature-extraction batch
 ) -> dict[str, float]:
@@ -139,7 +140,7 @@ def fidelity_metrics(
             fid=True, kid=kid, prc=prc,
             feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=str(classifier_path),
             feature_layer_fid=PENULTIMATE, feature_layer_kid=PENULTIMATE, feature_layer_prc=PENULTIMATE,
-            kid_subset_size=kid_subset_size(min(len(gen_uint8), len(real_uint8))),
+            kid_subset_size=kid_subset_size(min(len(gen_uint8), len(real_uint8))), prc_neighborhood=PRC_NEIGHBOURS,
             **_common_kwargs(device, batch_size),
         )
     out = {"fid": m[torch_fidelity.KEY_METRIC_FID]}

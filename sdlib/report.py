@@ -83,7 +83,7 @@ def render(*, metrics: dict, stages: dict[str, dict], params: dict, confusion: p
     sample = {k[len("sample."):]: v for k, v in params.items() if k.startswith("sample.")}
     if sample:
         lines += [f"Sampler `{sample.get('sampler')}`, {sample.get('steps')} steps, guidance {sample.get('guidance')}; "
-                  f"U-Net trained {params.get('epochs')} epochs (seed {params.get('seed')}).", ""]
+                  f"U-Net trained for {params.get('epochs')} epoch(s) (seed {params.get('seed')}).", ""]
     lines += ["## Samples", "", f"Each number is the mean over {sets} disjoint seed set(s) of {n} samples each, "
               "± the standard deviation over the sets: differences smaller than a few of those are noise.", ""]
     lines += metrics_table(metrics, SAMPLE_METRICS) + [""]
@@ -92,7 +92,8 @@ def render(*, metrics: dict, stages: dict[str, dict], params: dict, confusion: p
         lines += ["Conditional accuracy per class: " + ", ".join(f"{c} {v:.2f}" for c, v in per_class.items()), ""]
     lines += ["## Autoencoder", ""] + metrics_table(metrics, VAE_METRICS) + [""]
     lines += ["## Training", "", "| stage | " + " | ".join(["metric", "value"]) + " |", "| --- | --- | --- |"]
-    lines += [f"| {stage} | {k} | {v:.5g} |" for stage, values in stages.items() for k, v in values.items()] + [""]
+    lines += [f"| {stage} | {k} | {v if isinstance(v, int) else f'{v:.5g}'} |"
+              for stage, values in stages.items() for k, v in values.items()] + [""]
     lines += ["## Prompt adherence (counts)", ""] + confusion_table(confusion) + [""]
     for image, caption in FIGURES:
         path = next((p for p in images if p.as_posix().endswith(image)), None)

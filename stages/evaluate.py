@@ -17,7 +17,7 @@ from sdlib.cli import DataError, pick_device, user_errors, wrote
 from sdlib.data import load_split, to_uint8
 from sdlib.evaluation import mean_and_spread, read_manifest, read_pngs, reconstruct, reconstruction_psnr, seed_sets
 from sdlib.io import CheckpointError, write_csv, write_json
-from sdlib.metrics import conditional_accuracy, fidelity_metrics, inception_fid
+from sdlib.metrics import PRC_NEIGHBOURS, conditional_accuracy, fidelity_metrics, inception_fid
 from sdlib.pipeline import load_vae
 
 app = typer.Typer(add_completion=False)
@@ -58,8 +58,9 @@ def main(
         prompts, paths, labels = read_manifest(samples / "manifest.csv", len(classes))
         sets = seed_sets(prompts, cfg.seed_sets)
         n = len(sets[0])
-        if n < 2:
-            raise DataError(f"{samples}/manifest.csv: {n} sample(s) per seed set, need at least 2 for FID")
+        if n <= PRC_NEIGHBOURS:
+            raise DataError(f"{samples}/manifest.csv: {n} sample(s) per seed set, need at least {PRC_NEIGHBOURS + 1} "
+                            f"for precision/recall ({PRC_NEIGHBOURS} nearest neighbours)")
         if len(train) < n:
             raise DataError(f"{data}: {len(train)} training images, need {n} for the FID floor at {n} samples")
         gen = read_pngs(paths, test.images.shape[1], test.images.shape[-1])  # (N, C, S, S) uint8

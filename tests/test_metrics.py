@@ -239,7 +239,7 @@ def _break_manifest(project, how: str) -> None:
     ("missing manifest", "no sample manifest"),
     ("no path column", "missing column path"),
     ("missing png", "0007.png not found"),
-    ("one sample", "need at least 2"),
+    ("one sample", "1 sample(s) per seed set, need at least 4"),
     ("bad label", "label 'eight'"),
 ])
 def test_evaluate_reports_bad_samples_in_one_line(project, how, message):

@@ -35,7 +35,7 @@ TINY = {
              "beta_schedule": "scaled_linear", "num_timesteps": 1000, "batch_size": 32, "lr": 1e-3, "cond_drop": 0.1,
              "ema_decay": 0.99, "checkpoint_every": 3},
     "classifier": {"epochs": 1, "batch_size": 64, "lr": 3e-3},
-    "sample": {"prompts": ["3", "a handwritten digit eight"], "n_per_prompt": 3, "sampler": "ddim", "steps": 4,
+    "sample": {"prompts": ["3", "a handwritten digit eight"], "n_per_prompt": 6, "sampler": "ddim", "steps": 4,
                "guidance": 2.0, "schedule": "auto", "negative_prompt": "", "seed": 0, "batch_size": 4},
     "evaluate": {"inception_weights": "", "seed_sets": 3},
 }
@@ -79,10 +79,10 @@ def test_repro_produces_metrics_samples_and_runs(project):
     for key in ("fid", "fid_std", "fid_floor", "kid", "precision", "recall", "cond_acc", "vae_psnr", "vae_rfid",
                 "n_samples"):
         assert key in metrics, key
-    assert metrics["n_samples"] == 2 and metrics["n_seed_sets"] == 3 and 0.0 <= metrics["cond_acc"] <= 1.0 and metrics["fid"] >= 0.0
+    assert metrics["n_samples"] == 4 and metrics["n_seed_sets"] == 3 and 0.0 <= metrics["cond_acc"] <= 1.0 and metrics["fid"] >= 0.0
     manifest = pd.read_csv(project / "reports/samples/manifest.csv")
     assert list(manifest.columns) == ["prompt", "label", "seed", "path"]
-    assert manifest["label"].tolist() == [3, 3, 3, 8, 8, 8] and manifest["seed"].is_unique
+    assert manifest["label"].tolist() == [3] * 6 + [8] * 6 and manifest["seed"].is_unique
     assert all((project / p).is_file() for p in manifest["path"])
     assert (project / "reports/samples/grid.png").is_file()
     report = (project / "reports/report.md").read_text()
@@ -91,6 +91,17 @@ def test_repro_produces_metrics_samples_and_runs(project):
     with sqlite3.connect(project / "mlflow.db") as db:
         stages = {r[0] for r in db.execute("select value from tags where key = 'stage'")}
     assert {"train_vae", "train_unet", "sample", "evaluate", "pipeline"} <= stages
+
+
+def test_plots_page_needs_no_network(project):
+    """`make plots`: DVC's plots page with the Vega libraries inline, not loaded from a CDN."""
+    if not (project / "reports/metrics.json").exists():
+        run(["dvc", "repro"], project)
+    run([sys.executable, "-m", "sdlib.plots", "--out", "dvc_plots"], project)
+    page = (project / "dvc_plots" / "index.html").read_text()
+    assert "window.vegaEmbed=" in page and "cdn.jsdelivr" not in page and "<script src=" not in page
+    assert "vegaEmbed('#" in page  # the curves and the confusion matrix, as Vega-Lite specs
+    assert "reports/curves/unet.csv" in page and "reports/confusion.csv" in page and "grid.png" in page
 
 
 def test_exp_run_is_its_own_mlflow_row(project):
