@@ -84,10 +84,16 @@ class Denoiser(nn.Module):
         t = self.sigma_to_t(sigma).to(x.dtype)
         return c_skip * x + c_out * self.net(c_in * x, t, context)
 
-    def loss(self, x0: Tensor, context: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """DDPM's simple loss (Ho et al. 2020, Alg. 1 / eq. 14) with t ~ U{0..T-1}, eps ~ N(0, I) from `generator`."""
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)  # (B,)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    def loss(self, x0: Tensor, context: Tensor | None = None, generator: torch.Generator | None = None, *,
+             t: Tensor | None = None, eps: Tensor | None = None) -> Tensor:
+        """DDPM's simple loss (Ho et al. 2020, Alg. 1 / eq. 14) with t ~ U{0..T-1}, eps ~ N(0, I) from `generator`.
+
+        `t` (B,) and `eps` (B, ...) may be given instead, e.g. a data-parallel rank's slice of the global draws.
+        """
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)  # (B,)
+        if eps is None:
+            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         sigma = self.train_sigmas[t].to(x0.dtype)
         c_skip, c_out, c_in = (append_dims(c, x0.ndim) for c in self.get_scalings(sigma))
         x = x0 + append_dims(sigma, x0.ndim) * eps  # x_t in VE coordinates (Ho et al. 2020, eq. 4, divided by sqrt(ab))

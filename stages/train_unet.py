@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from sdlib import config, tracking
 from sdlib.cli import DataError, pick_device, user_errors, wrote
 from sdlib.data import load_split
-from sdlib.denoisers import Denoiser, append_dims
 from sdlib.io import atomic_dir, write_csv, write_json
 from sdlib.pipeline import DiffusionArgs, LatentDiffusion, save_ldm
 from sdlib.text import load_tokenizer, tokenize, write_clip_tokenizer_files
@@ -37,16 +36,6 @@ def caption_table(captions: list[list[str]]) -> tuple[list[str], torch.Tensor, t
         table[i, : len(caps)] = torch.tensor([index[c] for c in caps])
     counts = torch.tensor([len(caps) for caps in captions])
     return unique, table, counts
-
-
-def diffusion_loss(denoiser: Denoiser, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
-                   eps: torch.Tensor) -> torch.Tensor:
-    """`Denoiser.loss` with its draws t (B,) and eps (B, ...) given, so that each rank can take its slice of them."""
-    sigma = denoiser.train_sigmas[t].to(x0.dtype)
-    c_skip, c_out, c_in = (append_dims(c, x0.ndim) for c in denoiser.get_scalings(sigma))
-    x = x0 + append_dims(sigma, x0.ndim) * eps  # x_t in VE coordinates (Ho et al. 2020, eq. 4, divided by sqrt(ab))
-    target = (x0 - c_skip * x) / c_out  # Karras et al. 2022, Table 1: eps, or v
-    return (denoiser.net(c_in * x, t.to(x0.dtype), context) - target).pow(2).mean()
 
 
 @app.command()
@@ -112,7 +101,7 @@ def main(
                     uniq, inverse = cid.unique(return_inverse=True)
                     context = model.encode_text(caption_ids[uniq])[inverse]  # (B, L, D); each caption encoded once
                 z0, eps = z0.contiguous(memory_format=fmt), eps.contiguous(memory_format=fmt)
-                return diffusion_loss(model.denoiser, z0, context, t, eps), {}
+                return model.denoiser.loss(z0, context, t=t, eps=eps), {}
 
             optimizer = adamw(model.parameters(), cfg.lr, dev)
             total = steps_for(n, bs, epochs)

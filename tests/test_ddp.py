@@ -25,7 +25,6 @@ from sdlib.schedules import alphas_cumprod, betas
 from sdlib.trainer import (EMA, Batches, Checkpointer, Dist, batch_indices, distributed, fit, step_generator,
                            warmup_cosine)
 from sdlib.unet import UNet, UNetArgs
-from stages.train_unet import diffusion_loss
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-5  # allowed max |DDP - one process| over the weights, relative to the largest weight
@@ -121,7 +120,7 @@ def test_batches_on_device_are_batch_indices():
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_loss_with_given_draws_is_the_denoiser_loss(prediction):
+def test_loss_with_given_draws_is_the_drawing_loss(prediction):
     torch.manual_seed(0)
     net = UNet(UNetArgs(in_channels=4, context_dim=16, model_channels=8, channel_mult=(1, 2), num_heads=2))
     denoiser = Denoiser(net, alphas_cumprod(betas("scaled_linear", 1000)).float(), prediction)
@@ -130,7 +129,7 @@ def test_loss_with_given_draws_is_the_denoiser_loss(prediction):
     gen = step_generator(0, 5)
     t = torch.randint(0, denoiser.num_timesteps, (6,), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
-    assert torch.equal(diffusion_loss(denoiser, x0, context, t, eps), expected)
+    assert torch.equal(denoiser.loss(x0, context, t=t, eps=eps), expected)
 
 
 # --- the stages, one process against torchrun with two ----------------------------------------------------------------
