@@ -22,23 +22,7 @@ from sdlib.io import CheckpointError, load_weights, save_weights
 from sdlib.schedules import alphas_cumprod, betas, get_sigmas
 from sdlib.text import TextEncoder, load_tokenizer, tokenize
 from sdlib.unet import UNet, UNetArgs
-from sdlib.vae import AutoencoderKL, VAEArgs
-
-
-def save_vae(path: str | Path, vae: AutoencoderKL) -> None:
-    """The VAE's weights with its config, so that `load_vae` rebuilds it from the file alone."""
-    save_weights(path, vae.state_dict(), {"kind": "vae", "args": vae.args.to_dict()})
-
-
-def load_vae(path: Path, device: torch.device | str = "cpu") -> AutoencoderKL:
-    """Rebuild the VAE from its checkpoint alone."""
-    tensors, meta = load_weights(path, kind="vae")
-    try:
-        vae = AutoencoderKL(VAEArgs(**{**meta["args"], "channel_mult": tuple(meta["args"]["channel_mult"])}))
-        vae.load_state_dict(tensors)
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: VAE checkpoint does not match the model ({str(e).splitlines()[0]})") from None
-    return vae.to(device).eval()
+from sdlib.vae import AutoencoderKL
 
 
 @dataclass(frozen=True)

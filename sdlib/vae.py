@@ -8,12 +8,14 @@ perceptual (LPIPS) and a patch-GAN loss; on small images an L1 + KL objective is
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sdlib.config import VAEConfig
+from sdlib.io import CheckpointError, load_weights, save_weights
 from sdlib.layers import Downsample, ResBlock, SelfAttention2d, Upsample, group_norm
 
 
@@ -129,3 +131,19 @@ def psnr(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """Mean PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
     mse = (recon.clamp(-1, 1) - x).pow(2).flatten(1).mean(1)
     return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()
+
+
+def save_vae(path: str | Path, vae: AutoencoderKL) -> None:
+    """The VAE's weights with its config, so that `load_vae` rebuilds it from the file alone."""
+    save_weights(path, vae.state_dict(), {"kind": "vae", "args": vae.args.to_dict()})
+
+
+def load_vae(path: Path, device: torch.device | str = "cpu") -> AutoencoderKL:
+    """Rebuild the VAE from its checkpoint alone."""
+    tensors, meta = load_weights(path, kind="vae")
+    try:
+        vae = AutoencoderKL(VAEArgs(**{**meta["args"], "channel_mult": tuple(meta["args"]["channel_mult"])}))
+        vae.load_state_dict(tensors)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: VAE checkpoint does not match the model ({str(e).splitlines()[0]})") from None
+    return vae.to(device).eval()

@@ -23,7 +23,8 @@ from sdlib.compare import fid_vs_steps_figure, planned_runs
 from sdlib.data import load_split, prompt_label, to_uint8
 from sdlib.io import CheckpointError, atomic_path, write_csv
 from sdlib.metrics import fidelity_metrics
-from sdlib.pipeline import Prompts, generate, load_ldm, load_vae
+from sdlib.pipeline import Prompts, generate, load_ldm
+from sdlib.vae import load_vae
 
 app = typer.Typer(add_completion=False)
 

@@ -18,7 +18,7 @@ from sdlib.data import load_split, to_uint8
 from sdlib.evaluation import mean_and_spread, read_manifest, read_pngs, reconstruct, reconstruction_psnr, seed_sets
 from sdlib.io import CheckpointError, write_csv, write_json
 from sdlib.metrics import PRC_NEIGHBOURS, conditional_accuracy, fidelity_metrics, inception_fid
-from sdlib.pipeline import load_vae
+from sdlib.vae import load_vae
 
 app = typer.Typer(add_completion=False)
 FLOOR_SEED = 0  # train subsets of the FID floor: FLOOR_SEED + set index; fixed, not a param

@@ -21,7 +21,8 @@ from sdlib import config, tracking
 from sdlib.cli import pick_device, user_errors, wrote
 from sdlib.data import make_grid_png, prompt_label, save_png, to_uint8
 from sdlib.io import atomic_dir, atomic_path, write_csv
-from sdlib.pipeline import Prompts, generate, load_init_image, load_ldm, load_vae
+from sdlib.pipeline import Prompts, generate, load_init_image, load_ldm
+from sdlib.vae import load_vae
 
 app = typer.Typer(add_completion=False)
 

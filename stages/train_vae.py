@@ -12,10 +12,10 @@ import typer
 from sdlib import config, tracking
 from sdlib.cli import pick_device, user_errors, wrote
 from sdlib.data import load_split
-from sdlib.io import save_weights, write_csv, write_json
+from sdlib.io import write_csv, write_json
 from sdlib.trainer import (Batches, Checkpointer, adamw, distributed, fast_path, fingerprint, fit, steps_for,
                            warmup_cosine)
-from sdlib.vae import AutoencoderKL, VAEArgs, psnr, vae_loss
+from sdlib.vae import AutoencoderKL, VAEArgs, psnr, save_vae, vae_loss
 
 app = typer.Typer(add_completion=False)
 
@@ -84,7 +84,7 @@ def main(
                 result = {"psnr": round(evaluate_psnr(vae, test.images.to(dev, memory_format=fmt)), 3),
                           "loss": round(history.rows[-1]["loss"], 5), "params_m": round(n_params / 1e6, 3)}
                 tracking.log_metrics(result)
-                save_weights(out, vae.state_dict(), {"kind": "vae", "args": args.to_dict()})
+                save_vae(out, vae)
                 write_json(metrics, result)
                 write_csv(curve, pd.DataFrame(history.rows))
                 ckpt.clear()

@@ -11,7 +11,8 @@ from sdlib import config, tracking
 from sdlib.cli import pick_device, user_errors, wrote
 from sdlib.data import load_split
 from sdlib.io import atomic_dir
-from sdlib.pipeline import Prompts, load_ldm, load_vae
+from sdlib.pipeline import Prompts, load_ldm
+from sdlib.vae import load_vae
 from sdlib.visualize import attention_figure, forward_figure, reverse_figure
 
 app = typer.Typer(add_completion=False)

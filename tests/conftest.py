@@ -51,10 +51,10 @@ def tiny_models(tmp_path_factory):
 
     from sdlib.config import TextConfig
     from sdlib.data import DIGIT_NAMES
-    from sdlib.pipeline import DiffusionArgs, LatentDiffusion, save_ldm, save_vae
+    from sdlib.pipeline import DiffusionArgs, LatentDiffusion, save_ldm
     from sdlib.text import write_clip_tokenizer_files
     from sdlib.unet import UNetArgs
-    from sdlib.vae import AutoencoderKL, VAEArgs
+    from sdlib.vae import AutoencoderKL, VAEArgs, save_vae
 
     root = tmp_path_factory.mktemp("tiny_models")
     torch.manual_seed(0)

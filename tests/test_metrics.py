@@ -20,8 +20,7 @@ from sdlib.config import ClassifierConfig
 from sdlib.data import DIGIT_NAMES, Split, class_captions, save_png, to_uint8, write_processed
 from sdlib.io import CheckpointError
 from sdlib.metrics import conditional_accuracy, fidelity_metrics, inception_fid, kid_subset_size
-from sdlib.pipeline import save_vae
-from sdlib.vae import AutoencoderKL, VAEArgs
+from sdlib.vae import AutoencoderKL, VAEArgs, save_vae
 from stages.evaluate import app
 
 runner = CliRunner()
