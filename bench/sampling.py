@@ -25,11 +25,10 @@ import typer
 from sdlib import config
 from sdlib.cli import pick_device, user_errors
 from sdlib.pipeline import DiffusionArgs, LatentDiffusion, Prompts, generate, load_ldm
-from sdlib.vae import load_vae
 from sdlib.samplers import RECOMMENDED_STEPS, SAMPLERS
 from sdlib.text import write_clip_tokenizer_files
 from sdlib.unet import UNetArgs
-from sdlib.vae import AutoencoderKL, VAEArgs
+from sdlib.vae import AutoencoderKL, VAEArgs, load_vae
 
 app = typer.Typer(add_completion=False)
 
