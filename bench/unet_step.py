@@ -242,6 +242,11 @@ def main(
 
     peak = peak_tflops(dev)
     by_key = {(c.impl, c.mode): c for c in cases}
+
+    def speedup(c: Case, base: Case) -> float:
+        """Median over rounds of base's step time / c's: both ran moments apart, so a shared machine's load cancels."""
+        return round(statistics.median(t_b / t_c for t_b, t_c in zip(base.seconds, c.seconds)), 3)
+
     for c in cases:
         base = by_key[("diffusers", c.mode)]
         rates = [s.batch * steps / t for t in c.seconds]
@@ -258,10 +263,9 @@ def main(
             "samples_per_s": round(rate, 2), "samples_per_s_runs": [round(v, 2) for v in rates],
             "flops_per_sample": int(flops), "tflops": round(tflops, 4),
             "mfu": round(tflops / peak, 4) if peak else None,
-            "baseline": f"diffusers {c.mode.value}",
-            # per round, both cases ran moments apart: the median of round ratios resists a shared machine's load best
-            "ratio": round(statistics.median(t_b / t_c for t_b, t_c in zip(base.seconds, c.seconds)), 3),
+            "baseline": f"diffusers {c.mode.value}", "ratio": speedup(c, base),
             "ratio_of_medians": round(rate / statistics.median(s.batch * steps / t for t in base.seconds), 3),
+            "sdlib_over_diffusers": speedup(by_key[("sdlib", c.mode)], base),  # the same on both lines of a mode
         }), flush=True)
 
 

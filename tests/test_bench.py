@@ -30,11 +30,11 @@ def test_unet_step_compares_equal_sized_nets():
     assert [(d["impl"], d["mode"]) for d in lines] == [("sdlib", "eager"), ("diffusers", "eager")]
     for d in lines:
         assert {"params", "params_diffusers", "params_ratio", "samples_per_s", "flops_per_sample", "tflops", "mfu",
-                "baseline", "ratio"} <= d.keys()
+                "baseline", "ratio", "sdlib_over_diffusers"} <= d.keys()
         assert abs(d["params_ratio"] - 1) <= 0.05 and d["params"] > 0
         assert d["samples_per_s"] > 0 and d["flops_per_sample"] > 0 and d["mfu"] is None  # no CPU peak
         assert d["baseline"] == "diffusers eager"
-    assert lines[1]["ratio"] == 1.0
+    assert lines[1]["ratio"] == 1.0 and lines[0]["sdlib_over_diffusers"] == lines[1]["sdlib_over_diffusers"]
 
 
 @pytest.mark.parametrize("args", [
