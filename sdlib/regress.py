@@ -61,13 +61,15 @@ def regressions(current: dict, baseline: dict, rules: dict[str, Rule] = RULES) -
 
 
 def read_baseline(ref: str, path: str) -> dict:
-    """A metrics file on disk, or `path` as committed at git revision `ref`."""
+    """A metrics file on disk, or `path` as committed at git revision `ref` (or `origin/<ref>`, for clones in which
+    the branch exists only as a remote-tracking one)."""
     if Path(ref).is_file():
         return json.loads(Path(ref).read_text())
-    out = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise typer.BadParameter(f"no {path} at git revision '{ref}'")
-    return json.loads(out.stdout)
+    for rev in (ref, f"origin/{ref}"):
+        out = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+        if out.returncode == 0:
+            return json.loads(out.stdout)
+    raise typer.BadParameter(f"no {path} at git revision '{ref}' (nor 'origin/{ref}')")
 
 
 def main(
