@@ -6,6 +6,7 @@ Writes reports/samplers.csv (`sampler,steps,recommended,guidance,fid,cond_acc,se
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,12 +22,23 @@ from sdlib.classifier import load_classifier, predict
 from sdlib.cli import pick_device, user_errors, wrote
 from sdlib.compare import fid_vs_steps_figure, planned_runs
 from sdlib.data import load_split, prompt_label, to_uint8
-from sdlib.io import CheckpointError, atomic_path, write_csv
+from sdlib.io import CheckpointError, atomic_path, write_csv, write_json
 from sdlib.metrics import fidelity_metrics
 from sdlib.pipeline import Prompts, generate, load_ldm
+from sdlib.trainer import fingerprint
 from sdlib.vae import load_vae
 
 app = typer.Typer(add_completion=False)
+COLUMNS = ["sampler", "steps", "recommended", "guidance", "fid", "cond_acc", "seconds"]
+
+
+def finished_runs(path: Path, key: str) -> list[dict]:
+    """Rows an interrupted invocation saved under `path`, if it had the same fingerprint `key` (else none)."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent or half-readable: start afresh
+        return []
+    return state.get("rows", []) if isinstance(state, dict) and state.get("fingerprint") == key else []
 
 
 @app.command()
@@ -38,6 +50,7 @@ def main(
     classifier: Annotated[Path, typer.Option(help="train_classifier's weights")] = Path("models/classifier.safetensors"),
     out: Annotated[Path, typer.Option(help="the comparison table")] = Path("reports/samplers.csv"),
     plot: Annotated[Path, typer.Option(help="FID against steps")] = Path("reports/samplers.png"),
+    checkpoint: Annotated[Path, typer.Option(help="finished runs so far; a re-run after a kill skips them")] = Path("checkpoints/compare_samplers.json"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
 ) -> None:
     """Sample the same prompts and seeds with every sampler at several step counts; score each run."""
@@ -62,9 +75,16 @@ def main(
         floor_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:len(jobs)]
         floor = fidelity_metrics(to_uint8(train.images[floor_idx]), real, classifier, dev, prc=False, kid=False)["fid"]
 
-        rows = []
+        # runs finished by an earlier, interrupted invocation with the same params and models are not redone
+        key = fingerprint(cfg.model_dump(), prompt_list, files=(unet / "model.safetensors", vae, classifier))
+        rows = finished_runs(checkpoint, key)
+        if rows:
+            print(f"resuming from {checkpoint}: {len(rows)} of {len(runs)} runs done", file=sys.stderr)
+        finished = {(r["sampler"], r["steps"]) for r in rows}
         with tracking.stage_run("compare_samplers", {f"compare.{k}": v for k, v in cfg.model_dump().items()}):
             for name, steps, recommended in tqdm(runs, desc="compare", unit="run", file=sys.stderr):
+                if (name, steps) in finished:
+                    continue
                 start, images = time.perf_counter(), []
                 for b in range(0, len(jobs), cfg.batch_size):
                     batch = jobs[b:b + cfg.batch_size]
@@ -77,16 +97,19 @@ def main(
                 acc = (pred[labelled] == labels[labelled]).float().mean().item() if labelled.any() else float("nan")
                 rows.append({"sampler": name, "steps": steps, "recommended": recommended, "guidance": cfg.guidance,
                              "fid": round(fid, 5), "cond_acc": round(acc, 4), "seconds": round(seconds, 2)})
+                write_json(checkpoint, {"fingerprint": key, "rows": rows})
                 tracking.log_metrics({f"fid.{name}.{steps}": fid, f"cond_acc.{name}.{steps}": acc})
                 print(f"{name:>16} {steps:>4} steps: FID {fid:.3f}  cond_acc {acc:.3f}  {seconds:.1f} s",
                       file=sys.stderr)
-            table = pd.DataFrame(rows)
+            order = {(n, st): i for i, (n, st, _) in enumerate(runs)}
+            table = pd.DataFrame(sorted(rows, key=lambda r: order[(r["sampler"], r["steps"])]), columns=COLUMNS)
             write_csv(out, table)
             with atomic_path(plot) as tmp:
                 fid_vs_steps_figure(tmp, table, floor)
             tracking.log_metrics({"fid_floor": floor})
             tracking.log_artifact(out)
             tracking.log_artifact(plot)
+        checkpoint.unlink(missing_ok=True)
         wrote(out, plot)
         print(f"compare_samplers: {len(runs)} runs of {len(jobs)} images; real-vs-real FID floor {floor:.3f}")
 

@@ -75,3 +75,35 @@ def test_compare_rejects_bad_params_before_sampling(workspace):
     result = CliRunner().invoke(app, [*args[:at], str(params), *args[at + 1:]])
     assert result.exit_code == 2 and "'ddpm' is not sampler:steps" in result.output
     assert not (workspace["dir"] / "samplers.csv").exists()
+
+
+def test_compare_resumes_after_an_interruption(workspace, monkeypatch):
+    """Runs finished before a kill are kept in the checkpoint and not redone; the table equals an uninterrupted one."""
+    import stages.compare_samplers as stage
+
+    ckpt = workspace["dir"] / "compare.json"
+    args = [*workspace["args"], "--checkpoint", str(ckpt)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    reference = pd.read_csv(workspace["dir"] / "samplers.csv")
+    assert not ckpt.exists()  # removed once the table is written
+
+    real_generate, calls = stage.generate, []
+
+    def dies_in_the_third_run(*a, **kw):
+        calls.append(kw["sampler"])
+        if len(calls) > 2 * 2:  # 6 images in batches of 4: two calls per run
+            raise KeyboardInterrupt
+        return real_generate(*a, **kw)
+
+    monkeypatch.setattr(stage, "generate", dies_in_the_third_run)
+    (workspace["dir"] / "samplers.csv").unlink()
+    CliRunner().invoke(app, args)
+    assert ckpt.exists() and not (workspace["dir"] / "samplers.csv").exists()
+
+    monkeypatch.setattr(stage, "generate", lambda *a, **kw: calls.append(kw["sampler"]) or real_generate(*a, **kw))
+    calls.clear()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.output and calls == ["ddim", "ddim"]  # only the unfinished run
+    table = pd.read_csv(workspace["dir"] / "samplers.csv")
+    pd.testing.assert_frame_equal(table.drop(columns="seconds"), reference.drop(columns="seconds"))
