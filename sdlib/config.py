@@ -50,7 +50,16 @@ class DataConfig(_Section):
         return v
 
 
-class VAEConfig(_Section):
+class _TrainingLoop(_Section):
+    """Keys of `sdlib.trainer.fit` shared by the sections of the networks it trains."""
+
+    checkpoint_every: int = Field(200, ge=1)  # optimiser steps between resumable checkpoints
+    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 is exact IEEE (no TF32)
+    compile: bool = False  # torch.compile the network (CUDA: a minute of compiling, then faster steps)
+    log_every: int = Field(50, ge=1)  # steps between reads of the loss from the device (logging, non-finite guard)
+
+
+class VAEConfig(_TrainingLoop):
     base_channels: int = Field(32, ge=1)
     channel_mult: Levels = (1, 2, 2)  # one entry per level; len-1 downsamplings
     num_res_blocks: int = Field(1, ge=1)
@@ -59,10 +68,6 @@ class VAEConfig(_Section):
     epochs: int = Field(12, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0.0)
-    checkpoint_every: int = Field(200, ge=1)  # optimiser steps between resumable checkpoints
-    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 is exact IEEE (no TF32)
-    compile: bool = False  # torch.compile the network (CUDA: a minute of compiling, then faster steps)
-    log_every: int = Field(50, ge=1)  # steps between reads of the loss from the device (logging, non-finite guard)
 
 
 class TextConfig(_Section):
@@ -80,7 +85,7 @@ class TextConfig(_Section):
         return v
 
 
-class UNetConfig(_Section):
+class UNetConfig(_TrainingLoop):
     model_channels: int = Field(64, ge=8)
     channel_mult: Levels = (1, 2)
     num_res_blocks: int = Field(1, ge=1)
@@ -95,10 +100,6 @@ class UNetConfig(_Section):
     lr: float = Field(1e-3, gt=0.0)
     cond_drop: float = Field(0.1, ge=0.0, lt=1.0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
-    checkpoint_every: int = Field(200, ge=1)  # optimiser steps between resumable checkpoints
-    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 is exact IEEE (no TF32)
-    compile: bool = False  # torch.compile the network (CUDA: a minute of compiling, then faster steps)
-    log_every: int = Field(50, ge=1)  # steps between reads of the loss from the device (logging, non-finite guard)
 
     @field_validator("attention_levels")
     @classmethod

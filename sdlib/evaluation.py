@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 from sdlib.cli import DataError
+from sdlib.data import to_uint8
+from sdlib.metrics import fidelity_metrics
 from sdlib.vae import AutoencoderKL, psnr
 
 
@@ -85,6 +87,16 @@ def mean_and_spread(per_set: list[dict[str, float]]) -> dict[str, float]:
         out[key] = statistics.fmean(values)
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return out
+
+
+FLOOR_SEED = 0  # train subsets of the FID floor: FLOOR_SEED + index; fixed, not a param
+
+
+def fid_floor(train_images: torch.Tensor, real_uint8: torch.Tensor, n: int, classifier: Path,
+              device: torch.device | str, index: int = 0) -> float:
+    """The real-vs-real FID at `n` samples: `n` training images (subset `index`) against the real test set."""
+    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(FLOOR_SEED + index))[:n]
+    return fidelity_metrics(to_uint8(train_images[pick]), real_uint8, classifier, device, prc=False, kid=False)["fid"]
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from sdlib.classifier import load_classifier, predict
 from sdlib.cli import pick_device, user_errors, wrote
 from sdlib.compare import fid_vs_steps_figure, planned_runs
 from sdlib.data import load_split, prompt_label, to_uint8
+from sdlib.evaluation import fid_floor
 from sdlib.io import CheckpointError, atomic_path, write_csv, write_json
 from sdlib.metrics import fidelity_metrics
 from sdlib.pipeline import Prompts, generate, load_ldm
@@ -72,8 +73,7 @@ def main(
         labelled = labels >= 0
         real = to_uint8(test.images)
         runs = planned_runs(cfg)
-        floor_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:len(jobs)]
-        floor = fidelity_metrics(to_uint8(train.images[floor_idx]), real, classifier, dev, prc=False, kid=False)["fid"]
+        floor = fid_floor(train.images, real, len(jobs), classifier, dev)
 
         # runs finished by an earlier, interrupted invocation with the same params and models are not redone
         key = fingerprint(cfg.model_dump(), prompt_list, files=(unet / "model.safetensors", vae, classifier))
@@ -101,8 +101,7 @@ def main(
                 tracking.log_metrics({f"fid.{name}.{steps}": fid, f"cond_acc.{name}.{steps}": acc})
                 print(f"{name:>16} {steps:>4} steps: FID {fid:.3f}  cond_acc {acc:.3f}  {seconds:.1f} s",
                       file=sys.stderr)
-            order = {(n, st): i for i, (n, st, _) in enumerate(runs)}
-            table = pd.DataFrame(sorted(rows, key=lambda r: order[(r["sampler"], r["steps"])]), columns=COLUMNS)
+            table = pd.DataFrame(rows, columns=COLUMNS)  # resumed rows are the first runs, so rows keep the plan's order
             write_csv(out, table)
             with atomic_path(plot) as tmp:
                 fid_vs_steps_figure(tmp, table, floor)

@@ -8,20 +8,19 @@ from pathlib import Path
 from typing import Annotated
 
 import pandas as pd
-import torch
 import typer
 
 from sdlib import config, tracking
 from sdlib.classifier import load_classifier, predict
 from sdlib.cli import DataError, pick_device, user_errors, wrote
 from sdlib.data import load_split, to_uint8
-from sdlib.evaluation import mean_and_spread, read_manifest, read_pngs, reconstruct, reconstruction_psnr, seed_sets
+from sdlib.evaluation import (fid_floor, mean_and_spread, read_manifest, read_pngs, reconstruct, reconstruction_psnr,
+                              seed_sets)
 from sdlib.io import CheckpointError, write_csv, write_json
 from sdlib.metrics import PRC_NEIGHBOURS, conditional_accuracy, fidelity_metrics, inception_fid
 from sdlib.vae import load_vae
 
 app = typer.Typer(add_completion=False)
-FLOOR_SEED = 0  # train subsets of the FID floor: FLOOR_SEED + set index; fixed, not a param
 
 
 def _round(v: float) -> float:
@@ -75,9 +74,7 @@ def main(
             if labelled[idx].any():
                 m["cond_acc"] = (pred[idx] == labels[idx])[labelled[idx]].float().mean().item()
             per_set.append(m)
-            floor_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(FLOOR_SEED + j))[:n]
-            floors.append({"fid_floor": fidelity_metrics(to_uint8(train.images[floor_idx]), real, classifier, dev,
-                                                         prc=False, kid=False)["fid"]})
+            floors.append({"fid_floor": fid_floor(train.images, real, n, classifier, dev, index=j)})
         result = {**mean_and_spread(per_set), **mean_and_spread(floors)}
         rows = pd.DataFrame(columns=["actual", "predicted"])
         if labelled.any():

@@ -12,21 +12,16 @@ import typer
 from sdlib import config, tracking
 from sdlib.cli import pick_device, user_errors, wrote
 from sdlib.data import load_split
+from sdlib.evaluation import reconstruct, reconstruction_psnr
 from sdlib.io import write_csv, write_json
 from sdlib.trainer import (Batches, Checkpointer, adamw, distributed, fast_path, fingerprint, fit, steps_for,
                            warmup_cosine)
-from sdlib.vae import AutoencoderKL, VAEArgs, psnr, save_vae, vae_loss
+from sdlib.vae import AutoencoderKL, VAEArgs, save_vae, vae_loss
 
 app = typer.Typer(add_completion=False)
 
 
 @torch.no_grad()
-def evaluate_psnr(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> float:
-    vae.eval()
-    scores = [psnr(x, vae.decode(vae.encode(x).mean)) * len(x) for x in images.split(batch_size)]
-    return float(sum(scores) / len(images))
-
-
 @app.command()
 def main(
     params: Annotated[Path, typer.Option(help="params.yaml to read the `vae` section and `seed` from")] = Path("params.yaml"),
@@ -66,7 +61,7 @@ def main(
                 posterior = vae.encode(x)
                 shape = (len(idx), *posterior.mean.shape[1:])  # the draw is for the global batch, then sliced
                 noise = dist.shard(torch.randn(shape, generator=gen, device=dev, dtype=posterior.mean.dtype))
-                recon = vae.decode(posterior.mean + posterior.std * noise)  # a posterior sample, as vae(x, gen)
+                recon = vae.decode(posterior.sample(noise=noise))
                 loss, rec, kl = vae_loss(x, recon, posterior, cfg.kl_weight)
                 return loss, {"rec": rec, "kl": kl}
 
@@ -81,7 +76,9 @@ def main(
                 if not dist.is_main:  # rank 0 alone evaluates and writes the outputs
                     return
                 n_params = sum(p.numel() for p in vae.parameters())
-                result = {"psnr": round(evaluate_psnr(vae, test.images.to(dev, memory_format=fmt)), 3),
+                vae.eval()
+                recon = reconstruct(vae, test.images)
+                result = {"psnr": round(reconstruction_psnr(test.images, recon), 3),
                           "loss": round(history.rows[-1]["loss"], 5), "params_m": round(n_params / 1e6, 3)}
                 tracking.log_metrics(result)
                 save_vae(out, vae)
