@@ -6,8 +6,12 @@ params.yaml (dotted keys, YAML values) for a quick run. A stage's time runs from
 next one (or to the end), so it includes DVC's hashing and caching of that stage's outputs. One JSON line per stage,
 then one for the total; the default config takes about a quarter of an hour on a 2-core CPU.
 
+`--runner plain` runs each stage's `cmd` from dvc.yaml in dependency order instead, for a machine without DVC (the
+lent GPU machines; see bench/gpu.sh); `--save DIR` keeps the run's reports and log.
+
     python bench/pipeline.py
     python bench/pipeline.py --params-override epochs=1 --params-override vae.epochs=1 --params-override data.limit=600
+    python bench/pipeline.py --runner plain --save out/reports
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,17 +40,34 @@ RUNNING = re.compile(r"^Running stage '([^']+)'")
 app = typer.Typer(add_completion=False)
 
 
+class Runner(str, Enum):
+    dvc = "dvc"
+    plain = "plain"
+
+
 def git(*args: str, cwd: Path = REPO) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
 
 
-def copy_repo(dst: Path) -> None:
-    """Source files of the working tree (tracked and new unignored ones) and the committed dvc.lock; no outputs."""
-    for f in git("ls-files", "--cached", "--others", "--exclude-standard").splitlines():
+def source_files() -> list[str]:
+    """The files git knows (tracked, and new ones that are not ignored); without git or a checkout (a bare copy of the
+    tree, as on a lent GPU machine), every file outside the outputs and hidden folders (.git, .venv, .dvc/cache)."""
+    try:
+        return git("ls-files", "--cached", "--others", "--exclude-standard").splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return [str(f.relative_to(REPO)) for f in REPO.rglob("*")
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(REPO).parts[:-1])
+                and "__pycache__" not in f.parts]
+
+
+def copy_repo(dst: Path, with_lock: bool = True) -> None:
+    """Source files of the working tree and (for DVC) the committed dvc.lock; no outputs."""
+    for f in source_files():
         if (REPO / f).is_file() and not f.startswith(OUTPUTS):
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, dst / f)
-    (dst / "dvc.lock").write_text(git("show", "HEAD:dvc.lock"))
+    if with_lock:
+        (dst / "dvc.lock").write_text(git("show", "HEAD:dvc.lock"))
 
 
 def apply_overrides(params: dict, overrides: list[str]) -> dict:
@@ -64,13 +86,56 @@ def apply_overrides(params: dict, overrides: list[str]) -> dict:
     return params
 
 
-def init_project(dst: Path, overrides: list[str]) -> None:
-    copy_repo(dst)
+def init_project(dst: Path, overrides: list[str], runner: Runner) -> None:
+    copy_repo(dst, with_lock=runner == Runner.dvc)
     params = apply_overrides(yaml.safe_load((dst / "params.yaml").read_text()), overrides)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if runner == Runner.plain:
+        return
     git("init", "-q", cwd=dst)  # DVC wants a git repository
     git("-c", "user.name=bench", "-c", "user.email=bench@localhost", "add", "-A", cwd=dst)
     git("-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench", cwd=dst)
+
+
+def stage_order(dvc_yaml: dict) -> list[tuple[str, str]]:
+    """(name, cmd) of every stage, each after the stages whose outputs it reads (file order where free)."""
+    stages = dvc_yaml["stages"]
+
+    def paths(entries: list) -> list[str]:
+        return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+
+    producer = {out: name for name, st in stages.items()
+                for out in paths(st.get("outs")) + paths(st.get("metrics")) + paths(st.get("plots"))}
+    needs = {name: {producer[o] for d in paths(st.get("deps")) for o in producer
+                    if (d == o or d.startswith(o.rstrip("/") + "/")) and producer[o] != name}
+             for name, st in stages.items()}
+    order: list[str] = []
+    while len(order) < len(stages):
+        ready = [n for n in stages if n not in order and needs[n] <= set(order)]
+        if not ready:
+            raise ConfigError(f"dvc.yaml: the stages {sorted(set(stages) - set(order))} depend on each other")
+        order.append(ready[0])
+    return [(n, " ".join(str(stages[n]["cmd"]).split())) for n in order]
+
+
+def timed_plain(project: Path, log: Path) -> tuple[list[tuple[str, float]], float]:
+    """Run each stage's command of dvc.yaml in order without DVC (for machines without it); as `timed_repro`."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONUNBUFFERED": "1"}
+    starts: list[tuple[str, float]] = []
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        for name, cmd in stage_order(yaml.safe_load((project / "dvc.yaml").read_text())):
+            now = time.perf_counter() - t0
+            starts.append((name, now))
+            print(f"[{now:7.1f}s] {name}", file=sys.stderr)
+            out.write(f"[{now:8.1f}s] Running stage '{name}':\n> {cmd}\n")
+            out.flush()
+            done = subprocess.run(cmd, shell=True, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+            if done.returncode != 0:
+                tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+                raise SystemExit(f"error: stage {name} failed (exit {done.returncode}); last lines of {log}:\n{tail}")
+    return starts, time.perf_counter() - t0
 
 
 def timed_repro(project: Path, log: Path) -> tuple[list[tuple[str, float]], float]:
@@ -95,10 +160,29 @@ def timed_repro(project: Path, log: Path) -> tuple[list[tuple[str, float]], floa
     return starts, total
 
 
+def save_reports(project: Path, log: Path, dst: Path, since: float) -> None:
+    """The files this run wrote in reports/ (JSON, CSV, Markdown, PNG; not the sample images) and the log.
+
+    Files that came with the copy (say the committed sampler comparison) keep their old times and are left out."""
+    dst.mkdir(parents=True, exist_ok=True)
+    reports = project / "reports"
+    for f in sorted(reports.rglob("*")) if reports.is_dir() else []:
+        rel = f.relative_to(reports)
+        if f.is_file() and rel.parts[0] != "samples" and f.stat().st_mtime >= since:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst / rel)
+    if log.exists():
+        shutil.copy2(log, dst / "pipeline.log")
+
+
 @app.command()
 def main(
     params_override: Annotated[Optional[list[str]], typer.Option(
         "--params-override", help="key=value for the copy's params.yaml, e.g. epochs=1 (repeatable)")] = None,
+    runner: Annotated[Runner, typer.Option(
+        help="dvc: `dvc repro`; plain: each stage's cmd from dvc.yaml in order, for machines without DVC")] = "dvc",
+    save: Annotated[Optional[Path], typer.Option(
+        help="copy the run's reports (metrics, report.md, figures; not the samples) and log into this folder")] = None,
     keep: Annotated[bool, typer.Option("--keep/--clean", help="keep the temporary copy (path on stderr)")] = False,
     workdir: Annotated[Optional[Path], typer.Option(help="where to make the temporary copy")] = None,
 ) -> None:
@@ -109,19 +193,24 @@ def main(
         project = tmp / "project"
         project.mkdir()
         with user_errors():
-            init_project(project, overrides)
-        starts, total = timed_repro(project, tmp / "repro.log")
+            init_project(project, overrides, runner)
+        since = time.time()
+        try:
+            starts, total = (timed_repro if runner == Runner.dvc else timed_plain)(project, tmp / "repro.log")
+        finally:
+            if save:
+                save_reports(project, tmp / "repro.log", save, since)
     finally:
         if keep:
             print(f"kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    common = {"bench": "pipeline", "overrides": overrides}
+    common = {"bench": "pipeline", "runner": runner.value, "overrides": overrides}
     ends = [t for _, t in starts[1:]] + [total]
     for (stage, start), end in zip(starts, ends):
         print(json.dumps({**common, "stage": stage, "start_s": round(start, 2), "seconds": round(end - start, 2)}))
     print(json.dumps({**common, "stage": "total", "stages": len(starts), "seconds": round(total, 2),
-                      "dvc_startup_s": round(starts[0][1], 2) if starts else None}))
+                      "dvc_startup_s": round(starts[0][1], 2) if starts and runner == Runner.dvc else None}))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from sdlib.config import ConfigError
 from sdlib.samplers import SAMPLERS
 from sdlib.unet import UNet, UNetArgs
 
@@ -35,6 +37,18 @@ def test_unet_step_compares_equal_sized_nets():
         assert d["samples_per_s"] > 0 and d["flops_per_sample"] > 0 and d["mfu"] is None  # no CPU peak
         assert d["baseline"] == "diffusers eager"
     assert lines[1]["ratio"] == 1.0 and lines[0]["sdlib_over_diffusers"] == lines[1]["sdlib_over_diffusers"]
+
+
+def test_unet_step_of_sdlib_alone_needs_no_diffusers(monkeypatch):
+    """What bench/gpu.sh uses to size the GPU pipeline's training; it must run where diffusers is not installed."""
+    args = ["--preset", "cpu-small", "--impl", "sdlib", "--batch", "2", "--steps", "1", "--warmup", "1",
+            "--repeats", "1", "--threads", "1", "--device", "cpu"]
+    no_diffusers = ("import runpy, sys; sys.modules['diffusers'] = None; "  # `import diffusers` now fails
+                    f"sys.argv = ['unet_step.py', *{args!r}]; runpy.run_path('bench/unet_step.py', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", no_diffusers], cwd=REPO, capture_output=True, text=True, timeout=120)
+    [line] = json_lines(out)
+    assert line["impl"] == "sdlib" and line["params"] == 3_984_068 and line["samples_per_s"] > 0
+    assert line["baseline"] is None and line["ratio"] is None and line["params_ratio"] is None
 
 
 @pytest.mark.parametrize("args", [
@@ -67,3 +81,42 @@ def test_sampling_times_every_sampler_against_ddpm():
 def test_pipeline_rejects_unknown_override_keys():
     out = bench("pipeline.py", "--params-override", "unet.no_such_key=1")
     assert out.returncode == 2 and "params.yaml has no key 'unet.no_such_key'" in out.stderr
+
+
+def load_bench(name: str, monkeypatch):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plain_runner_orders_stages_by_their_data(monkeypatch):
+    pipeline = load_bench("pipeline", monkeypatch)
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    in_file = [name for name, _ in pipeline.stage_order(dvc_yaml)]
+    assert in_file == list(dvc_yaml["stages"])  # dvc.yaml lists its stages in an order that runs
+    backwards = {"stages": dict(reversed(dvc_yaml["stages"].items()))}
+    order = [name for name, _ in pipeline.stage_order(backwards)]
+    assert order.index("download") < order.index("preprocess") < order.index("train_vae") \
+        < order.index("encode_latents") < order.index("train_unet") < order.index("sample") \
+        < order.index("evaluate") < order.index("report")
+    assert order.index("train_classifier") < order.index("evaluate")
+    cycle = {"stages": {"a": {"cmd": "x", "deps": ["b.txt"], "outs": ["a.txt"]},
+                        "b": {"cmd": "y", "deps": ["a.txt"], "outs": [{"b.txt": {"cache": False}}]}}}
+    with pytest.raises(ConfigError, match=r"the stages \['a', 'b'\] depend on each other"):
+        pipeline.stage_order(cycle)
+
+
+def test_plain_runner_runs_commands_in_order_and_stops_at_a_failure(tmp_path, monkeypatch):
+    pipeline = load_bench("pipeline", monkeypatch)
+    stages = {"second": {"cmd": "cat one.txt > two.txt", "deps": ["one.txt"], "outs": ["two.txt"]},
+              "first": {"cmd": "echo 1 > one.txt", "outs": ["one.txt"]}}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    starts, total = pipeline.timed_plain(tmp_path, tmp_path / "log")
+    assert [name for name, _ in starts] == ["first", "second"] and total >= starts[-1][1]
+    assert (tmp_path / "two.txt").read_text() == "1\n"
+    stages["third"] = {"cmd": "echo boom; exit 3", "deps": ["two.txt"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    with pytest.raises(SystemExit, match=r"(?s)stage third failed \(exit 3\).*boom"):
+        pipeline.timed_plain(tmp_path, tmp_path / "log")
