@@ -54,9 +54,16 @@ wheels)
     ;;
 bench)
     setup
-    "$PY" bench/unet_step.py --preset mnist-35m --mode eager --mode compile --steps 20 --repeats 3 \
-        | tee "$OUT/unet_step.jsonl"
-    "$PY" bench/sampling.py --batch 250 | tee "$OUT/sampling.jsonl"
+    # three runs, each kept when another fails: eager, compiled (the bar: sdlib vs diffusers compiled), sampling
+    failed=0
+    for mode in eager compile; do
+        "$PY" bench/unet_step.py --preset mnist-35m --mode "$mode" --steps 20 --repeats 3 \
+            > "$OUT/unet_step_$mode.jsonl" || failed=1
+        cat "$OUT/unet_step_$mode.jsonl"
+    done
+    "$PY" bench/sampling.py --batch 250 > "$OUT/sampling.jsonl" || failed=1
+    cat "$OUT/sampling.jsonl"
+    exit $failed
     ;;
 pipeline)
     setup
