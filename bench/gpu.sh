@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu.sh wheels              # here, with PyPI: the wheels that machine lacks, into .whl/ (13 MB, ignored)
 #   bash bench/gpu.sh bench               # there: U-Net step vs diffusers at 35M params, eager and compiled; sampling
+#                                         (COMPILE_MODES="default reduce-overhead" also times CUDA graphs)
 #   bash bench/gpu.sh pipeline [SECONDS]  # there: the whole pipeline at GPU params, U-Net training sized to SECONDS
 #                                         (default 240, so that the whole phase fits one 10-minute call)
 #
@@ -54,12 +55,16 @@ wheels)
     ;;
 bench)
     setup
-    # three runs, each kept when another fails: eager, compiled (the bar: sdlib vs diffusers compiled), sampling
+    # separate runs, each kept when another fails: eager; compiled in each of $COMPILE_MODES (the bar: sdlib vs
+    # diffusers compiled, default mode; add reduce-overhead for CUDA graphs, about 2 minutes more); sampling
     failed=0
-    for mode in eager compile; do
-        "$PY" bench/unet_step.py --preset mnist-35m --mode "$mode" --steps 20 --repeats 3 \
-            > "$OUT/unet_step_$mode.jsonl" || failed=1
-        cat "$OUT/unet_step_$mode.jsonl"
+    for run in eager:default $(for m in ${COMPILE_MODES:-default}; do echo "compile:$m"; done); do
+        mode=${run%%:*} compile_mode=${run#*:}
+        name=unet_step_$mode
+        if [ "$mode" = compile ]; then name=${name}_$compile_mode; fi
+        "$PY" bench/unet_step.py --preset mnist-35m --mode "$mode" --compile-mode "$compile_mode" --steps 20 \
+            --repeats 3 > "$OUT/$name.jsonl" || failed=1
+        cat "$OUT/$name.jsonl"
     done
     "$PY" bench/sampling.py --batch 250 > "$OUT/sampling.jsonl" || failed=1
     cat "$OUT/sampling.jsonl"

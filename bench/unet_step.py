@@ -9,6 +9,7 @@ median over rounds of the speed ratio to diffusers in the same mode.
     python bench/unet_step.py --preset cpu-small                        # CPU, eager
     python bench/unet_step.py --preset cpu-small --mode eager --mode compile
     python bench/unet_step.py --preset mnist-35m --mode eager --mode compile   # CUDA: bf16 autocast, channels_last
+    python bench/unet_step.py --preset mnist-35m --mode compile --compile-mode reduce-overhead   # + CUDA graphs
 
 Both nets get the set-up of `stages/train_unet.py` (`sdlib.trainer.fast_path` and `adamw`): on CUDA channels_last,
 bf16 autocast with TF32 for what stays in fp32, cuDNN autotuning and fused AdamW; fp32 and AdamW's default on the CPU.
@@ -24,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Optional, get_args
 
 import torch
 import typer
@@ -32,6 +33,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdlib.cli import pick_device
+from sdlib.config import CompileMode
 from sdlib.denoisers import Denoiser
 from sdlib.schedules import alphas_cumprod, betas
 from sdlib.trainer import adamw, fast_path
@@ -53,6 +55,9 @@ class Impl(str, Enum):
 class Mode(str, Enum):
     eager = "eager"
     compile = "compile"
+
+
+CompileModeOpt = Enum("CompileModeOpt", {m: m for m in get_args(CompileMode)}, type=str)
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,7 @@ class Case:
 
 
 def make_case(impl: str, mode: Mode, s: Setup, device: torch.device, batch: tuple[torch.Tensor, torch.Tensor],
-              seed: int) -> Case:
+              seed: int, compile_mode: str = "default") -> Case:
     torch.manual_seed(seed)
     net = UNet(s.unet) if impl == "sdlib" else DiffusersNet(diffusers_unet(s.unet, s.latent_size))
     net = net.to(device)
@@ -145,7 +150,7 @@ def make_case(impl: str, mode: Mode, s: Setup, device: torch.device, batch: tupl
 
     flops = count_flops(step)  # counted eagerly: the compiled step does the same math
     if mode == Mode.compile:
-        net.compile()  # in place, as fast_path(compile=True) does
+        net.compile(mode=compile_mode)  # in place, as fast_path(compile=True) does
     return Case(impl, mode, step, n_params(net), "bf16-autocast" if amp else "fp32", flops)
 
 
@@ -199,6 +204,8 @@ def main(
     num_heads: Annotated[Optional[int], typer.Option(help="attention heads")] = None,
     context_dim: Annotated[Optional[int], typer.Option(help="width of the text context")] = None,
     latent_size: Annotated[Optional[int], typer.Option(help="latent height = width")] = None,
+    compile_mode: Annotated[CompileModeOpt, typer.Option(
+        help="torch.compile mode of both nets in --mode compile (reduce-overhead: CUDA graphs)")] = "default",
     steps: Annotated[int, typer.Option(min=1, help="timed steps per case and round")] = 10,
     warmup: Annotated[int, typer.Option(min=1, help="untimed steps per case first (compiling happens here)")] = 3,
     repeats: Annotated[int, typer.Option(min=1, help="interleaved rounds; lines report medians")] = 3,
@@ -223,7 +230,7 @@ def main(
     context = torch.randn(s.batch, s.context_len, a.context_dim, generator=gen).to(dev)  # (B, L, D)
     modes = list(dict.fromkeys(mode or [Mode.eager]))
     impls = [i.value for i in Impl if i in (impl or list(Impl))]  # sdlib first
-    cases = [make_case(i, m, s, dev, (x0, context), seed) for m in modes for i in impls]
+    cases = [make_case(i, m, s, dev, (x0, context), seed, compile_mode.value) for m in modes for i in impls]
 
     ours = cases[0].params if "sdlib" in impls else None
     theirs = cases[-1].params if "diffusers" in impls else None
@@ -265,7 +272,8 @@ def main(
         flops = c.flops_per_step / s.batch
         tflops = flops * rate / 1e12
         print(json.dumps({
-            "bench": "unet_step", "impl": c.impl, "mode": c.mode.value, "preset": preset.value,
+            "bench": "unet_step", "impl": c.impl, "mode": c.mode.value,
+            "compile_mode": compile_mode.value if c.mode == Mode.compile else None, "preset": preset.value,
             "device": dev.type, "device_name": device_name(dev), "dtype": c.dtype,
             "torch": torch.__version__, "threads": torch.get_num_threads() if dev.type == "cpu" else None,
             "batch": s.batch, "latent": [a.in_channels, s.latent_size, s.latent_size], "unet": a.to_dict(),

@@ -23,6 +23,7 @@ def _levels(v: tuple[int, ...]) -> tuple[int, ...]:
 
 Levels = Annotated[tuple[int, ...], AfterValidator(_levels)]  # per-level width multipliers
 Precision = Literal["auto", "fp32", "bf16"]  # training arithmetic; see sdlib.trainer.fast_path
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]  # torch.compile's modes
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,7 @@ class _TrainingLoop(_Section):
     checkpoint_every: int = Field(200, ge=1)  # optimiser steps between resumable checkpoints
     precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 is exact IEEE (no TF32)
     compile: bool = False  # torch.compile the network (CUDA: a minute of compiling, then faster steps)
+    compile_mode: CompileMode = "default"  # reduce-overhead: also CUDA graphs (CUDA only); max-autotune: slower compile
     log_every: int = Field(50, ge=1)  # steps between reads of the loss from the device (logging, non-finite guard)
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from sdlib.config import ConfigError, Precision
+from sdlib.config import CompileMode, ConfigError, Precision
 from sdlib.io import atomic_path
 
 SEED_STRIDE = 1_000_003  # keeps (seed, step) streams of different seeds apart
@@ -125,11 +125,12 @@ def distributed(device: torch.device) -> Iterator[tuple[Dist, torch.device]]:
 
 
 def fast_path(modules: Sequence[nn.Module], device: torch.device, precision: Precision,
-              compile: bool) -> torch.dtype | None:
+              compile: bool, compile_mode: CompileMode = "default") -> torch.dtype | None:
     """Set up the GPU fast path for the networks in `modules`; returns the autocast dtype (None: plain fp32).
 
     On CUDA: channels_last weights, cuDNN autotuning, and with bf16 also TF32 for what autocast leaves in fp32;
-    `fp32` stays exact IEEE float32. `compile` compiles each module in place (its state-dict keys do not change).
+    `fp32` stays exact IEEE float32. `compile` compiles each module in place (its state-dict keys do not change),
+    in torch.compile's `compile_mode`; "reduce-overhead" replays each step's kernels as a CUDA graph on a GPU.
     """
     amp = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
     if device.type == "cuda":
@@ -140,7 +141,7 @@ def fast_path(modules: Sequence[nn.Module], device: torch.device, precision: Pre
         if device.type == "cuda":
             m.to(memory_format=torch.channels_last)
         if compile:
-            m.compile()
+            m.compile(mode=compile_mode)
     return amp
 
 

@@ -74,7 +74,7 @@ def main(
             unet_args = UNetArgs.from_config(cfg, in_channels=lat["mean"].shape[1], context_dim=text_cfg.hidden_size)
             diffusion = DiffusionArgs(cfg.beta_schedule, cfg.num_timesteps, cfg.prediction, scale_factor)
             model = LatentDiffusion(unet_args, text_cfg, diffusion, tuple(lat["mean"].shape[2:])).to(dev)
-            amp = fast_path([model.unet], dev, cfg.precision, cfg.compile)
+            amp = fast_path([model.unet], dev, cfg.precision, cfg.compile, cfg.compile_mode)
             fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
             tokenizer_dir = write_clip_tokenizer_files(Path(scratch) / "tokenizer")
             caption_ids = tokenize(load_tokenizer(tokenizer_dir, text_cfg.max_length), unique,

@@ -47,7 +47,7 @@ def main(
             torch.manual_seed(seed)  # parameter initialisation only; the loop uses its own per-step generators
             args = VAEArgs.from_config(cfg, in_channels=train.images.shape[1])
             vae = AutoencoderKL(args).to(dev)
-            amp = fast_path([vae.encoder, vae.decoder], dev, cfg.precision, cfg.compile)
+            amp = fast_path([vae.encoder, vae.decoder], dev, cfg.precision, cfg.compile, cfg.compile_mode)
             fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
             images = train.images.to(dev, memory_format=fmt)  # the whole data set lives on the device
             batches = Batches(n, cfg.batch_size, seed, dev)

@@ -27,7 +27,7 @@ def test_dvc_set_strings_are_coerced():
 def test_fast_path_defaults_are_cpu_safe():
     for section in ("unet", "vae"):
         cfg = config.parse_section(section, {})
-        assert (cfg.precision, cfg.compile) == ("auto", False) and cfg.log_every >= 1
+        assert (cfg.precision, cfg.compile, cfg.compile_mode) == ("auto", False, "default") and cfg.log_every >= 1
 
 
 @pytest.mark.parametrize(
@@ -47,6 +47,7 @@ def test_fast_path_defaults_are_cpu_safe():
         ("vae", "not a mapping", "section 'vae' must be a mapping"),
         ("unet", {"precision": "fp16"}, "bad value for 'unet.precision'"),
         ("vae", {"compile": "maybe"}, "bad value for 'vae.compile'"),
+        ("unet", {"compile_mode": "fast"}, "bad value for 'unet.compile_mode'"),
         ("vae", {"log_every": 0}, "bad value for 'vae.log_every'"),
     ],
 )

@@ -209,9 +209,11 @@ def test_batch_not_divisible_by_processes_is_one_line(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("stage, weights", [("train_unet", "unet/model.safetensors"),
                                             ("train_vae", "vae.safetensors")])
-@pytest.mark.parametrize("fast", [{"precision": "bf16"}, {"compile": True}], ids=["bf16", "compile"])
+@pytest.mark.parametrize("fast", [{"precision": "bf16"}, {"compile": True},
+                                  {"compile": True, "compile_mode": "reduce-overhead"}],
+                         ids=["bf16", "compile", "compile-reduce-overhead"])
 def test_fast_path_params_train_what_fp32_eager_trains(stage, weights, fast, tiny_data, tmp_path):
-    """bf16 autocast and torch.compile are the GPU's defaults-to-be; on the CPU they must give a model and a loss
+    """bf16 autocast and torch.compile (also in the mode that adds CUDA graphs on a GPU) must give a model and a loss
     curve close to the plain fp32 eager run (compile: the same math, so rounding-close; bf16: 8 mantissa bits)."""
     section = "unet" if stage == "train_unet" else "vae"
     plain = tiny_params(tmp_path / "plain.yaml")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from sdlib.trainer import (EMA, Checkpointer, TrainingError, batch_indices, epoch_permutation, fingerprint, fit,
-                           warmup_cosine)
+from sdlib.trainer import (EMA, Checkpointer, TrainingError, batch_indices, epoch_permutation, fast_path, fingerprint,
+                           fit, warmup_cosine)
 
 X = torch.linspace(-1, 1, 40)[:, None]
 Y = 3 * X + 0.5
@@ -120,3 +120,12 @@ def test_fingerprint_sees_file_content(tmp_path):
 def test_warmup_cosine_endpoints():
     f = warmup_cosine(100, warmup=10, final_frac=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
+
+
+def test_fast_path_compiles_in_place_in_the_mode_asked(monkeypatch):
+    seen = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: seen.append((type(self).__name__, kwargs)))
+    amp = fast_path([nn.Linear(2, 2), nn.Conv2d(1, 1, 1)], torch.device("cpu"), "auto", True, "reduce-overhead")
+    assert amp is None  # auto is fp32 on the CPU
+    assert seen == [("Linear", {"mode": "reduce-overhead"}), ("Conv2d", {"mode": "reduce-overhead"})]
+    assert fast_path([nn.Linear(2, 2)], torch.device("cpu"), "bf16", False) is torch.bfloat16 and len(seen) == 2
