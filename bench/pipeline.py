@@ -97,6 +97,12 @@ def init_project(dst: Path, overrides: list[str], runner: Runner) -> None:
     git("-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench", cwd=dst)
 
 
+def stage_env() -> dict[str, str]:
+    """The stages' environment: this Python first on PATH (their `python -m ...` is this one), unbuffered output."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONUNBUFFERED": "1"}
+
+
 def stage_order(dvc_yaml: dict) -> list[tuple[str, str]]:
     """(name, cmd) of every stage, each after the stages whose outputs it reads (file order where free)."""
     stages = dvc_yaml["stages"]
@@ -120,8 +126,7 @@ def stage_order(dvc_yaml: dict) -> list[tuple[str, str]]:
 
 def timed_plain(project: Path, log: Path) -> tuple[list[tuple[str, float]], float]:
     """Run each stage's command of dvc.yaml in order without DVC (for machines without it); as `timed_repro`."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONUNBUFFERED": "1"}
+    env = stage_env()
     starts: list[tuple[str, float]] = []
     t0 = time.perf_counter()
     with open(log, "w") as out:
@@ -140,8 +145,7 @@ def timed_plain(project: Path, log: Path) -> tuple[list[tuple[str, float]], floa
 
 def timed_repro(project: Path, log: Path) -> tuple[list[tuple[str, float]], float]:
     """Run `dvc repro`, echoing its output to `log`; returns ([(stage, start offset)], total seconds)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**stage_env(), "DVC_NO_ANALYTICS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)  # runs land in the copy's own mlflow.db
     starts: list[tuple[str, float]] = []
     t0 = time.perf_counter()

@@ -12,8 +12,7 @@ from sdlib import tracking
 from sdlib.cli import pick_device, user_errors, wrote
 from sdlib.data import load_split
 from sdlib.io import atomic_dir, write_json
-from sdlib.vae import load_vae
-from sdlib.vae import AutoencoderKL
+from sdlib.vae import AutoencoderKL, load_vae
 
 app = typer.Typer(add_completion=False)
 

@@ -21,7 +21,6 @@ from sdlib.vae import AutoencoderKL, VAEArgs, save_vae, vae_loss
 app = typer.Typer(add_completion=False)
 
 
-@torch.no_grad()
 @app.command()
 def main(
     params: Annotated[Path, typer.Option(help="params.yaml to read the `vae` section and `seed` from")] = Path("params.yaml"),
