@@ -23,7 +23,7 @@ compare: install  ## the sampler comparison (reports/samplers.csv, samplers.png)
 	dvc repro compare/dvc.yaml
 
 plots: install  ## `dvc plots show` as an offline page: dvc_plots/index.html
-	python -m sdlib.plots --out dvc_plots
+	python -m stages.plots --out dvc_plots
 
 test: install  ## unit tests + the end-to-end pipeline test on a tiny config
 	pytest -q
@@ -32,7 +32,7 @@ test-fast: install  ## unit tests only
 	pytest -q -m "not slow"
 
 regress: install  ## fail if reports/metrics.json regressed against the one committed on main
-	python -m sdlib.regress --baseline main
+	python -m stages.regress --baseline main
 
 bench: install  ## U-Net training step vs diffusers, and images/s per sampler, on the CPU (bench/RESULTS.md)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'

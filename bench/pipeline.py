@@ -31,7 +31,7 @@ import typer
 import yaml
 
 from sdlib.cli import user_errors
-from sdlib.config import ConfigError
+from sdlib.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = ("data/", "models/", "checkpoints/", "mlruns/", "mlartifacts/", "mlflow.db", "dvc.lock")  # not copied

@@ -1,4 +1,4 @@
-"""Sampling throughput of every sampler in `sdlib.samplers` at its recommended step count, with guidance (CFG).
+"""Sampling throughput of every sampler in `sdlib.diffusion.samplers` at its recommended step count, with guidance (CFG).
 
 Calls `sdlib.pipeline.generate` the way `stages/sample.py` does (text encoding, sampling, VAE decoding of one batch)
 on the model that params.yaml describes, randomly initialised so that no trained model is needed (or the trained
@@ -24,11 +24,12 @@ import typer
 
 from sdlib import config
 from sdlib.cli import pick_device, user_errors
-from sdlib.pipeline import DiffusionArgs, LatentDiffusion, Prompts, generate, load_ldm
-from sdlib.samplers import RECOMMENDED_STEPS, SAMPLERS
-from sdlib.text import write_clip_tokenizer_files
-from sdlib.unet import UNetArgs
-from sdlib.vae import AutoencoderKL, VAEArgs, load_vae
+from sdlib.diffusion.samplers import SAMPLERS
+from sdlib.generate import Prompts, generate
+from sdlib.ldm import DiffusionArgs, LatentDiffusion, load_ldm
+from sdlib.models.text import TextEncoderArgs, write_clip_tokenizer_files
+from sdlib.models.unet import UNetArgs
+from sdlib.models.vae import AutoencoderKL, VAEArgs, load_vae
 
 app = typer.Typer(add_completion=False)
 
@@ -40,11 +41,12 @@ def random_models(params: dict, tokenizer_dir: Path, device: torch.device, seed:
     unet_cfg = config.parse_section("unet", params.get("unet"))
     text_cfg = config.parse_section("text", params.get("text"))
     torch.manual_seed(seed)
-    vae = AutoencoderKL(VAEArgs.from_config(vae_cfg, in_channels=data.channels))
+    vae = AutoencoderKL(config.args_from(vae_cfg, VAEArgs, in_channels=data.channels))
     hw = data.image_size // vae.args.factor
-    unet_args = UNetArgs.from_config(unet_cfg, in_channels=vae_cfg.latent_channels, context_dim=text_cfg.hidden_size)
-    diffusion = DiffusionArgs(unet_cfg.beta_schedule, unet_cfg.num_timesteps, unet_cfg.prediction)
-    model = LatentDiffusion(unet_args, text_cfg, diffusion, (hw, hw)).to(device).eval()
+    unet_args = config.args_from(unet_cfg, UNetArgs, in_channels=vae_cfg.latent_channels,
+                                 context_dim=text_cfg.hidden_size)
+    model = LatentDiffusion(unet=unet_args, text=config.args_from(text_cfg, TextEncoderArgs),
+                            diffusion=config.args_from(unet_cfg, DiffusionArgs), latent_hw=(hw, hw)).to(device).eval()
     write_clip_tokenizer_files(tokenizer_dir)
     return model, vae.to(device).eval(), Prompts(tokenizer_dir, model)
 
@@ -113,7 +115,7 @@ def main(
             autoencoder, prompts = load_vae(vae, dev), Prompts(unet / "tokenizer", model)
         timer = Timer(model, autoencoder, prompts, cfg, scale, batch, seed)
 
-        step_counts = {n: steps or RECOMMENDED_STEPS[n] for n in names}
+        step_counts = {n: steps or SAMPLERS[n].steps for n in names}
         timer(names[0], 2)  # warm-up: first-call allocations and kernel choices stay out of the timings
         seconds: dict[str, list[float]] = {n: [] for n in names}
         evals: dict[str, int] = {}

@@ -34,10 +34,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sdlib.cli import pick_device
 from sdlib.config import CompileMode
-from sdlib.denoisers import Denoiser
-from sdlib.schedules import alphas_cumprod, betas
-from sdlib.trainer import adamw, fast_path
-from sdlib.unet import UNet, UNetArgs
+from sdlib.diffusion.denoisers import Denoiser
+from sdlib.diffusion.schedules import alphas_cumprod, betas
+from sdlib.models.unet import UNet, UNetArgs
+from sdlib.training.loop import adamw, fast_path
 
 app = typer.Typer(add_completion=False)
 

@@ -1,4 +1,4 @@
-"""Glue shared by the stage scripts: one-line user errors, device choice, what-was-written messages."""
+"""Glue shared by the stage scripts: one-line user errors, device choice, output checks, what-was-written messages."""
 from __future__ import annotations
 
 import contextlib
@@ -9,15 +9,7 @@ from typing import Iterator
 import torch
 import typer
 
-from sdlib.config import ConfigError
-from sdlib.io import CheckpointError
-
-
-class DataError(ValueError):
-    """Missing, empty or corrupt input data, with a one-line message."""
-
-
-USER_ERRORS = (ConfigError, CheckpointError, DataError)
+from sdlib.errors import ConfigError, DataError, UserError
 
 
 @contextlib.contextmanager
@@ -25,7 +17,7 @@ def user_errors() -> Iterator[None]:
     """Turn a user-facing error into `error: <message>` on stderr and exit code 2, without a traceback."""
     try:
         yield
-    except USER_ERRORS as e:
+    except UserError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 
@@ -36,6 +28,19 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but CUDA is not available")
     return torch.device(name)
+
+
+def check_outputs(*paths: str | Path | None) -> None:
+    """Fail before any work when an output cannot be written: a file stands where a folder is needed."""
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise DataError(f"cannot write {path}: {parent} is a file, not a folder")
+                break
 
 
 def wrote(*paths: str | Path) -> None:

@@ -5,14 +5,14 @@ Values that `dvc exp run -S key=value` wrote as strings (``"1e-4"``) are coerced
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-SAMPLERS = ("ddpm", "ddim", "euler_maruyama", "euler", "euler_ancestral", "heun", "lms", "pndm", "dpmpp_2m")
-Sampler = Literal["ddpm", "ddim", "euler_maruyama", "euler", "euler_ancestral", "heun", "lms", "pndm", "dpmpp_2m"]
+from sdlib.errors import ConfigError
 
 
 def _levels(v: tuple[int, ...]) -> tuple[int, ...]:
@@ -26,12 +26,9 @@ Precision = Literal["auto", "fp32", "bf16"]  # training arithmetic; see sdlib.tr
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]  # torch.compile's modes
 
 
-class ConfigError(ValueError):
-    """A one-line, user-facing message about a bad parameter."""
-
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -111,6 +108,16 @@ class UNetConfig(_TrainingLoop):
             raise ValueError(f"levels must lie in 0..{len(mult) - 1} (unet.channel_mult has {len(mult)} levels)")
         return v
 
+    @field_validator("num_heads")
+    @classmethod
+    def _heads_divide(cls, v: int, info) -> int:
+        mc, mult, levels = (info.data.get(k) for k in ("model_channels", "channel_mult", "attention_levels"))
+        if None not in (mc, mult, levels):
+            widths = sorted({mc * mult[lvl] for lvl in (*levels, len(mult) - 1)})  # and the middle block
+            if any(w % v for w in widths):
+                raise ValueError(f"must divide the width of every attention level ({', '.join(map(str, widths))})")
+        return v
+
 
 class ClassifierConfig(_Section):
     epochs: int = Field(8, ge=1)
@@ -121,7 +128,7 @@ class ClassifierConfig(_Section):
 class SampleConfig(_Section):
     prompts: tuple[str, ...] = tuple(str(i) for i in range(10))
     n_per_prompt: int = Field(50, ge=1)
-    sampler: Sampler = "dpmpp_2m"
+    sampler: str = "dpmpp_2m"  # a name in sdlib.diffusion.samplers.SAMPLERS (checked where sampling starts)
     steps: int = Field(20, ge=1, le=1000)
     guidance: float = Field(3.0, ge=0.0)  # classifier-free guidance scale; 1 = plain conditional model
     schedule: Literal["auto", "karras", "discrete"] = "auto"  # auto: discrete for ddpm/ddim/pndm, else karras
@@ -145,7 +152,7 @@ class EvaluateConfig(_Section):
 class CompareConfig(_Section):
     """The sampler comparison (compare/dvc.yaml): FID and prompt adherence against steps, per sampler."""
 
-    samplers: tuple[Sampler, ...] = SAMPLERS  # each runs at every count in `steps` and at its recommended count
+    samplers: tuple[str, ...] = Field(min_length=1)  # each runs at every count in `steps` and at its recommended count
     steps: tuple[int, ...] = (10, 20, 50)
     extra: tuple[str, ...] = ("ddpm:250",)  # more `sampler:steps` runs, e.g. the long-chain DDPM reference
     n_per_prompt: int = Field(50, ge=2)  # images per prompt (prompts: sample.prompts), the same seeds for every run
@@ -165,8 +172,8 @@ class CompareConfig(_Section):
     def _runs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for run in v:
             name, _, steps = run.partition(":")
-            if name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= 1000:
-                raise ValueError(f"'{run}' is not sampler:steps (a sampler of {', '.join(SAMPLERS)}, steps 1..1000)")
+            if not name or not steps.isdigit() or not 1 <= int(steps) <= 1000:
+                raise ValueError(f"'{run}' is not sampler:steps (steps 1..1000)")
         return v
 
 
@@ -183,6 +190,7 @@ SECTIONS: dict[str, type[_Section]] = {
 TOP_LEVEL = {"seed": int, "epochs": int}
 
 S = TypeVar("S", bound=_Section)
+A = TypeVar("A")
 
 
 def read_params(path: str | Path = "params.yaml") -> dict:
@@ -209,10 +217,10 @@ def _first_error(section: str, err: ValidationError) -> str:
 
 
 def parse_section(name: str, values: dict | None) -> _Section:
-    """Validate one params.yaml section into its frozen config model."""
+    """Validate one params.yaml section into its frozen config model; a missing section is an error."""
     cls = SECTIONS[name]
     if values is None:
-        values = {}
+        raise ConfigError(f"params: missing section '{name}'")
     if not isinstance(values, dict):
         raise ConfigError(f"params: section '{name}' must be a mapping, got {type(values).__name__}")
     try:
@@ -249,6 +257,12 @@ def load_all(path: str | Path = "params.yaml") -> dict:
     out: dict = {k: top_level(params, k) for k in TOP_LEVEL}
     out.update({name: parse_section(name, params.get(name)) for name in SECTIONS})
     return out
+
+
+def args_from(cfg: BaseModel, cls: type[A], **extra: object) -> A:
+    """The dataclass `cls` (a model's keyword-only arguments) from the same-named keys of a section, plus `extra`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: getattr(cfg, k) for k in type(cfg).model_fields if k in names}, **extra)
 
 
 def flatten(cfg: dict) -> dict[str, object]:

@@ -7,6 +7,7 @@ checkpoint rebuilds its model alone and loading never unpickles code.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -18,9 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-
-class CheckpointError(ValueError):
-    """A missing, corrupt or mismatched checkpoint, with a one-line message."""
+from sdlib.errors import CheckpointError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -110,3 +109,13 @@ def write_csv(path: str | Path, df) -> None:
     """Write a pandas DataFrame as CSV, atomically."""
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+def fingerprint(*parts: object, files: tuple[Path, ...] = ()) -> str:
+    """Hash of params and input files: a checkpoint only resumes the run that made it."""
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]

@@ -18,16 +18,19 @@ import typer
 from tqdm import tqdm
 
 from sdlib import config, tracking
-from sdlib.classifier import load_classifier, predict
-from sdlib.cli import pick_device, user_errors, wrote
-from sdlib.compare import fid_vs_steps_figure, planned_runs
-from sdlib.data import load_split, prompt_label, to_uint8
-from sdlib.evaluation import fid_floor
-from sdlib.io import CheckpointError, atomic_path, write_csv, write_json
-from sdlib.metrics import fidelity_metrics
-from sdlib.pipeline import Prompts, generate, load_ldm
-from sdlib.trainer import fingerprint
-from sdlib.vae import load_vae
+from sdlib.cli import check_outputs, pick_device, user_errors, wrote
+from sdlib.data.captions import prompt_label
+from sdlib.data.images import from_uint8, to_uint8
+from sdlib.data.splits import load_split
+from sdlib.errors import CheckpointError
+from sdlib.evaluation.compare import fid_vs_steps_figure, planned_runs
+from sdlib.evaluation.metrics import fidelity_metrics
+from sdlib.evaluation.scoring import fid_floor
+from sdlib.generate import Prompts, generate, image_seed
+from sdlib.io import atomic_path, fingerprint, write_csv, write_json
+from sdlib.ldm import load_ldm
+from sdlib.models.classifier import load_classifier, predict
+from sdlib.models.vae import load_vae
 
 app = typer.Typer(add_completion=False)
 COLUMNS = ["sampler", "steps", "recommended", "guidance", "fid", "cond_acc", "seconds"]
@@ -58,6 +61,8 @@ def main(
     with user_errors():
         cfg = config.load_section("compare", params)
         prompt_list = config.load_section("sample", params).prompts
+        runs = planned_runs(cfg)
+        check_outputs(out, plot, checkpoint)
         dev = pick_device(device)
         model, meta = load_ldm(unet / "model.safetensors", dev)
         autoencoder = load_vae(vae, dev)
@@ -67,12 +72,11 @@ def main(
             raise CheckpointError(f"{classifier}: trained on other data than {data} (re-run train_classifier)")
         prompts = Prompts(unet / "tokenizer", model)
         label = lambda p: prompt_label(p, meta.get("classes", []), meta.get("digits", False))  # noqa: E731
-        jobs = [(p, label(p), cfg.seed + k * cfg.n_per_prompt + i)
+        jobs = [(p, label(p), image_seed(cfg.seed, k, cfg.n_per_prompt, i))
                 for k, p in enumerate(prompt_list) for i in range(cfg.n_per_prompt)]
         labels = torch.tensor([-1 if lbl is None else lbl for _, lbl, _ in jobs])
         labelled = labels >= 0
         real = to_uint8(test.images)
-        runs = planned_runs(cfg)
         floor = fid_floor(train.images, real, len(jobs), classifier, dev)
 
         # runs finished by an earlier, interrupted invocation with the same params and models are not redone
@@ -81,7 +85,7 @@ def main(
         if rows:
             print(f"resuming from {checkpoint}: {len(rows)} of {len(runs)} runs done", file=sys.stderr)
         finished = {(r["sampler"], r["steps"]) for r in rows}
-        with tracking.stage_run("compare_samplers", {f"compare.{k}": v for k, v in cfg.model_dump().items()}):
+        with tracking.stage_run("compare_samplers", config.flatten({"compare": cfg})):
             for name, steps, recommended in tqdm(runs, desc="compare", unit="run", file=sys.stderr):
                 if (name, steps) in finished:
                     continue
@@ -93,7 +97,7 @@ def main(
                 seconds = time.perf_counter() - start
                 gen = to_uint8(torch.cat(images))  # (N, C, H, W)
                 fid = fidelity_metrics(gen, real, classifier, dev, prc=False, kid=False)["fid"]
-                pred = predict(judge, gen.float() / 127.5 - 1, dev)
+                pred = predict(judge, from_uint8(gen), dev)
                 acc = (pred[labelled] == labels[labelled]).float().mean().item() if labelled.any() else float("nan")
                 rows.append({"sampler": name, "steps": steps, "recommended": recommended, "guidance": cfg.guidance,
                              "fid": round(fid, 5), "cond_acc": round(acc, 4), "seconds": round(seconds, 2)})

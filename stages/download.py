@@ -1,4 +1,4 @@
-"""Fetch the configured image source (params `data`) into data/raw, unresized; see sdlib.data for the formats."""
+"""Fetch the configured image source (params `data`) into data/raw, unresized; see sdlib.data.sources for the formats."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 
 from sdlib import config, tracking
-from sdlib.cli import user_errors, wrote
-from sdlib.data import fetch_source, write_raw
+from sdlib.cli import check_outputs, user_errors, wrote
+from sdlib.data.sources import fetch_source, write_raw
 
 app = typer.Typer(add_completion=False)
 
@@ -23,8 +23,11 @@ def main(
     with user_errors():
         raw_params = config.read_params(params)
         cfg, seed = config.parse_section("data", raw_params.get("data")), config.top_level(raw_params, "seed")
-        with tracking.stage_run("download", {**{f"data.{k}": v for k, v in cfg.model_dump().items()}, "seed": seed}):
-            raw = fetch_source(cfg, seed)
+        check_outputs(out)
+        run_params = {"data.source": cfg.source, "data.root": cfg.root, "data.download": cfg.download,
+                      "data.limit": cfg.limit, "seed": seed}
+        with tracking.stage_run("download", run_params):
+            raw = fetch_source(cfg.source, root=cfg.root, download=cfg.download, limit=cfg.limit, seed=seed)
             write_raw(raw, out)
             tracking.log_metrics({"n_images": len(raw.images)})
         wrote(out)

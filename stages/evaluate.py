@@ -3,22 +3,21 @@ real-vs-real FID floor, how often the classifier sees the prompted class, and th
 Writes reports/metrics.json and reports/confusion.csv; the report stage logs the pipeline run's comparison row."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
 
 from sdlib import config, tracking
-from sdlib.classifier import load_classifier, predict
-from sdlib.cli import DataError, pick_device, user_errors, wrote
-from sdlib.data import load_split, to_uint8
-from sdlib.evaluation import (fid_floor, mean_and_spread, read_manifest, read_pngs, reconstruct, reconstruction_psnr,
-                              seed_sets)
-from sdlib.io import CheckpointError, write_csv, write_json
-from sdlib.metrics import PRC_NEIGHBOURS, conditional_accuracy, fidelity_metrics, inception_fid
-from sdlib.vae import load_vae
+from sdlib.cli import check_outputs, pick_device, user_errors, wrote
+from sdlib.data.images import from_uint8, read_pngs, to_uint8
+from sdlib.data.splits import load_split
+from sdlib.errors import CheckpointError, ConfigError
+from sdlib.evaluation.metrics import inception_fid
+from sdlib.evaluation.scoring import read_manifest, score_samples, seed_sets, vae_quality
+from sdlib.io import write_csv, write_json
+from sdlib.models.classifier import load_classifier, predict
+from sdlib.models.vae import load_vae
 
 app = typer.Typer(add_completion=False)
 
@@ -44,7 +43,8 @@ def main(
         cfg = config.parse_section("evaluate", config.read_params(params).get("evaluate"))
         weights = Path(cfg.inception_weights) if cfg.inception_weights else None
         if weights is not None and not weights.is_file():
-            raise config.ConfigError(f"params: evaluate.inception_weights: {weights} not found")
+            raise ConfigError(f"params: evaluate.inception_weights: {weights} not found")
+        check_outputs(out, confusion)
         dev = pick_device(device)
         model, classes = load_classifier(classifier, dev)
         autoencoder = load_vae(vae, dev)
@@ -55,45 +55,18 @@ def main(
             raise CheckpointError(f"{vae}: a {autoencoder.args.in_channels}-channel VAE, the data has "
                                   f"{test.images.shape[1]} channels (re-run train_vae)")
         prompts, paths, labels = read_manifest(samples / "manifest.csv", len(classes))
-        sets = seed_sets(prompts, cfg.seed_sets)
-        n = len(sets[0])
-        if n <= PRC_NEIGHBOURS:
-            raise DataError(f"{samples}/manifest.csv: {n} sample(s) per seed set, need at least {PRC_NEIGHBOURS + 1} "
-                            f"for precision/recall ({PRC_NEIGHBOURS} nearest neighbours)")
-        if len(train) < n:
-            raise DataError(f"{data}: {len(train)} training images, need {n} for the FID floor at {n} samples")
         gen = read_pngs(paths, test.images.shape[1], test.images.shape[-1])  # (N, C, S, S) uint8
-
         real = to_uint8(test.images)
-        pred = predict(model, gen.float() / 127.5 - 1, dev)
-        labelled = labels >= 0
-        per_set, floors = [], []
-        for j, idx in enumerate(sets):
-            m = fidelity_metrics(gen[idx], real, classifier, dev)
-            m.pop("kid_std")  # KID's own subset spread; the spread that matters here is over seed sets
-            if labelled[idx].any():
-                m["cond_acc"] = (pred[idx] == labels[idx])[labelled[idx]].float().mean().item()
-            per_set.append(m)
-            floors.append({"fid_floor": fid_floor(train.images, real, n, classifier, dev, index=j)})
-        result = {**mean_and_spread(per_set), **mean_and_spread(floors)}
-        rows = pd.DataFrame(columns=["actual", "predicted"])
-        if labelled.any():
-            acc, per_class, _ = conditional_accuracy(pred[labelled], labels[labelled], len(classes))
-            result["cond_acc"] = acc  # over all samples; cond_acc_std is its spread over the seed sets
-            result.update({f"cond_acc_per_class.{re.sub(r'[^A-Za-z0-9_. /-]', '_', name)}": a
-                           for name, a in zip(classes, per_class) if a == a})  # NaN: class never prompted
-            rows = pd.DataFrame({"actual": [classes[i] for i in labels[labelled]],
-                                 "predicted": [classes[i] for i in pred[labelled]]})
-        recon = reconstruct(autoencoder, test.images)
-        result["vae_psnr"] = reconstruction_psnr(test.images, recon)
-        result["vae_rfid"] = fidelity_metrics(to_uint8(recon), real, classifier, dev, prc=False, kid=False)["fid"]
+        pred = predict(model, from_uint8(gen), dev)
+        result, rows = score_samples(gen, prompts, labels, pred, real=real, train_images=train.images,
+                                     classes=classes, classifier=classifier, n_sets=cfg.seed_sets, device=dev)
+        result.update(vae_quality(autoencoder, test.images, classifier, dev))
         if weights is not None:
-            result["fid_inception"] = inception_fid(gen[sets[0]], real, weights, dev)
-        result.update(n_samples=n, n_seed_sets=len(sets))
+            result["fid_inception"] = inception_fid(gen[seed_sets(prompts, cfg.seed_sets)[0]], real, weights, dev)
         result = {k: v if isinstance(v, int) else _round(v) for k, v in sorted(result.items())}
         write_json(out, result)
         write_csv(confusion, rows)
-        with tracking.stage_run("evaluate", {f"evaluate.{k}": v for k, v in cfg.model_dump().items()}):
+        with tracking.stage_run("evaluate", config.flatten({"evaluate": cfg})):
             tracking.log_metrics(result)
 
         for k in ("fid", "fid_floor", "fid_inception", "kid", "precision", "recall", "cond_acc"):
@@ -101,7 +74,7 @@ def main(
                 spread = f" +- {result[k + '_std']}" if k + "_std" in result else ""
                 print(f"{k:>14}  {result[k]}{spread}")
         print(f"{'vae_psnr':>14}  {result['vae_psnr']} dB, rFID {result['vae_rfid']}")
-        print(f"{'n_samples':>14}  {n} per seed set x {len(sets)} sets")
+        print(f"{'n_samples':>14}  {result['n_samples']} per seed set x {result['n_seed_sets']} sets")
         wrote(out, confusion)
 
 

@@ -7,8 +7,10 @@ from typing import Annotated
 import typer
 
 from sdlib import config, tracking
-from sdlib.cli import user_errors, wrote
-from sdlib.data import preprocess, read_raw, write_processed
+from sdlib.cli import check_outputs, user_errors, wrote
+from sdlib.data.preprocess import preprocess
+from sdlib.data.sources import read_raw
+from sdlib.data.splits import write_processed
 
 app = typer.Typer(add_completion=False)
 
@@ -25,9 +27,13 @@ def main(
     with user_errors():
         raw_params = config.read_params(params)
         cfg, seed = config.parse_section("data", raw_params.get("data")), config.top_level(raw_params, "seed")
+        check_outputs(out)
         data = read_raw(raw)
-        with tracking.stage_run("preprocess", {**{f"data.{k}": v for k, v in cfg.model_dump().items()}, "seed": seed}):
-            train, test, meta = preprocess(data, cfg, seed)
+        run_params = {"data.image_size": cfg.image_size, "data.channels": cfg.channels,
+                      "data.test_fraction": cfg.test_fraction, "seed": seed}
+        with tracking.stage_run("preprocess", run_params):
+            train, test, meta = preprocess(data, image_size=cfg.image_size, channels=cfg.channels,
+                                           test_fraction=cfg.test_fraction, seed=seed)
             write_processed(out, train, test, meta)
             tracking.log_metrics({"n_train": len(train), "n_test": len(test)})
         wrote(out)

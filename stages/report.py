@@ -12,9 +12,10 @@ import pandas as pd
 import typer
 
 from sdlib import config, tracking
-from sdlib.cli import DataError, user_errors, wrote
+from sdlib.cli import user_errors, wrote
+from sdlib.errors import DataError
+from sdlib.evaluation.report import curves_figure, render
 from sdlib.io import atomic_path, write_text
-from sdlib.report import curves_figure, render
 
 app = typer.Typer(add_completion=False)
 

@@ -18,27 +18,35 @@ import typer
 from tqdm import tqdm
 
 from sdlib import config, tracking
-from sdlib.cli import pick_device, user_errors, wrote
-from sdlib.data import make_grid_png, prompt_label, save_png, to_uint8
+from sdlib.cli import check_outputs, pick_device, user_errors, wrote
+from sdlib.data.captions import prompt_label
+from sdlib.data.images import make_grid_png, save_png, to_uint8
+from sdlib.diffusion.samplers import SAMPLERS, check_sampler
+from sdlib.errors import ConfigError
+from sdlib.generate import Prompts, generate, image_seed, load_init_image
 from sdlib.io import atomic_dir, atomic_path, write_csv
-from sdlib.pipeline import Prompts, generate, load_init_image, load_ldm
-from sdlib.vae import load_vae
+from sdlib.ldm import load_ldm
+from sdlib.models.vae import load_vae
 
 app = typer.Typer(add_completion=False)
 
 
 def settings(params: Path, overrides: dict) -> config.SampleConfig:
-    """The `sample` section of params.yaml (defaults when the file is absent), with command-line overrides."""
-    values = dict(config.read_params(params).get("sample") or {}) if params.is_file() else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return config.parse_section("sample", values)
+    """The `sample` section of params.yaml with command-line overrides; the sampler is checked against the registry."""
+    values = config.read_params(params).get("sample")
+    if values is None:
+        raise ConfigError("params: missing section 'sample'")
+    values = {**values, **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = config.parse_section("sample", values)
+    check_sampler(cfg.sampler, "sample.sampler")
+    return cfg
 
 
 @app.command()
 def main(
     prompt: Annotated[Optional[list[str]], typer.Option(help="prompt to draw (repeatable); default: sample.prompts")] = None,
     n: Annotated[Optional[int], typer.Option(help="images per prompt; default: sample.n_per_prompt")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help=f"one of {', '.join(config.SAMPLERS)}")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help=f"one of {', '.join(SAMPLERS)}")] = None,
     steps: Annotated[Optional[int], typer.Option(help="sampling steps (1..1000)")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="classifier-free guidance scale (1 = none)")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="noise levels: auto, karras or discrete")] = None,
@@ -59,7 +67,8 @@ def main(
                                 "guidance": guidance, "schedule": schedule, "negative_prompt": negative_prompt,
                                 "seed": seed})
         if not 0.0 < strength <= 1.0:
-            raise config.ConfigError(f"--strength must lie in (0, 1], got {strength}")
+            raise ConfigError(f"--strength must lie in (0, 1], got {strength}")
+        check_outputs(out, grid_copy)
         dev = pick_device(device)
         model, meta = load_ldm(unet / "model.safetensors", dev)
         autoencoder = load_vae(vae, dev)
@@ -67,10 +76,10 @@ def main(
         image = load_init_image(init_image, autoencoder.args.in_channels, size) if init_image else None
         prompts = Prompts(unet / "tokenizer", model)
         jobs = [(p, prompt_label(p, meta.get("classes", []), meta.get("digits", False)),
-                 cfg.seed + k * cfg.n_per_prompt + i, f"{k:02d}_{i:04d}.png")
+                 image_seed(cfg.seed, k, cfg.n_per_prompt, i), f"{k:02d}_{i:04d}.png")
                 for k, p in enumerate(cfg.prompts) for i in range(cfg.n_per_prompt)]
 
-        with tracking.stage_run("sample", {f"sample.{k}": v for k, v in cfg.model_dump().items()}), \
+        with tracking.stage_run("sample", config.flatten({"sample": cfg})), \
                 atomic_dir(out) as tmp:
             images = []
             for start in tqdm(range(0, len(jobs), cfg.batch_size), desc="sample", unit="batch", file=sys.stderr):

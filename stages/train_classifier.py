@@ -8,10 +8,11 @@ import torch
 import typer
 
 from sdlib import config, tracking
-from sdlib.classifier import Classifier, ClassifierArgs, accuracy, save_classifier, train_classifier
-from sdlib.cli import DataError, pick_device, user_errors, wrote
-from sdlib.data import load_split
+from sdlib.cli import check_outputs, pick_device, user_errors, wrote
+from sdlib.data.splits import load_split
+from sdlib.errors import DataError
 from sdlib.io import write_json
+from sdlib.models.classifier import Classifier, ClassifierArgs, accuracy, save_classifier, train_classifier
 
 app = typer.Typer(add_completion=False)
 
@@ -28,6 +29,7 @@ def main(
     with user_errors():
         raw = config.read_params(params)
         cfg, seed = config.parse_section("classifier", raw.get("classifier")), config.top_level(raw, "seed")
+        check_outputs(out, metrics)
         dev = pick_device(device)
         train, test = load_split(data, "train"), load_split(data, "test")
         labelled = train.labels >= 0
@@ -39,10 +41,11 @@ def main(
         args = ClassifierArgs(in_channels=train.images.shape[1], image_size=train.images.shape[-1],
                               num_classes=len(train.classes))
         model = Classifier(args)
-        run_params = {**{f"classifier.{k}": v for k, v in cfg.model_dump().items()}, "seed": seed}
+        run_params = config.flatten({"classifier": cfg, "seed": seed})
         with tracking.stage_run("train_classifier", run_params):
-            history = train_classifier(model, train.images[labelled], train.labels[labelled], cfg,
-                                       torch.Generator().manual_seed(seed), dev,
+            history = train_classifier(model, train.images[labelled], train.labels[labelled],
+                                       torch.Generator().manual_seed(seed), dev, epochs=cfg.epochs,
+                                       batch_size=cfg.batch_size, lr=cfg.lr,
                                        on_epoch=lambda row: tracking.log_metrics(row, step=row["epoch"]))
             test_labelled = test.labels >= 0
             result = {"train_loss": round(history[-1]["loss"], 5), "train_acc": round(history[-1]["acc"], 4),

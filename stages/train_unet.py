@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,31 +10,20 @@ from typing import Annotated
 import pandas as pd
 import torch
 import typer
-from safetensors.torch import load_file
 
 from sdlib import config, tracking
-from sdlib.cli import DataError, pick_device, user_errors, wrote
-from sdlib.data import load_split
-from sdlib.io import atomic_dir, write_csv, write_json
-from sdlib.pipeline import DiffusionArgs, LatentDiffusion, save_ldm
-from sdlib.text import load_tokenizer, tokenize, write_clip_tokenizer_files
-from sdlib.trainer import (EMA, Batches, Checkpointer, adamw, distributed, fast_path, fingerprint, fit, steps_for,
-                           warmup_cosine)
-from sdlib.unet import UNetArgs
+from sdlib.cli import check_outputs, pick_device, user_errors, wrote
+from sdlib.data.latents import load_latents
+from sdlib.data.splits import load_split
+from sdlib.errors import DataError
+from sdlib.io import atomic_dir, fingerprint, write_csv, write_json
+from sdlib.ldm import DiffusionArgs, LatentDiffusion, save_ldm
+from sdlib.models.text import TextEncoderArgs, load_tokenizer, tokenize, write_clip_tokenizer_files
+from sdlib.models.unet import UNetArgs
+from sdlib.training.latent_diffusion import LatentDiffusionLoss, caption_table
+from sdlib.training.loop import EMA, Batches, Checkpointer, adamw, distributed, fast_path, fit, steps_for, warmup_cosine
 
 app = typer.Typer(add_completion=False)
-
-
-def caption_table(captions: list[list[str]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Unique captions (index 0 is "", the unconditional prompt), a padded (N, K) index table and counts (N,)."""
-    unique = [""] + sorted({c for caps in captions for c in caps})
-    index = {c: i for i, c in enumerate(unique)}
-    k = max(len(caps) for caps in captions)
-    table = torch.zeros(len(captions), k, dtype=torch.long)
-    for i, caps in enumerate(captions):
-        table[i, : len(caps)] = torch.tensor([index[c] for c in caps])
-    counts = torch.tensor([len(caps) for caps in captions])
-    return unique, table, counts
 
 
 @app.command()
@@ -57,58 +45,33 @@ def main(
         raw = config.read_params(params)
         cfg, text_cfg = config.parse_section("unet", raw.get("unet")), config.parse_section("text", raw.get("text"))
         epochs, seed = config.top_level(raw, "epochs"), config.top_level(raw, "seed")
-        if not (latents / "train.safetensors").is_file():
-            raise DataError(f"{latents}: no train.safetensors (run the encode_latents stage first)")
-        lat = load_file(str(latents / "train.safetensors"))
-        scale_factor = json.loads((latents / "meta.json").read_text())["scale_factor"]
+        check_outputs(out, metrics, curve, checkpoint)
+        lat = load_latents(latents, "train")
         split = load_split(data, "train")
-        if len(split.captions) != len(lat["mean"]):
-            raise DataError(f"{latents} holds {len(lat['mean'])} latents but {data} {len(split.captions)} images; "
-                            "re-run encode_latents")
+        if len(split) != len(lat):
+            raise DataError(f"{latents} holds {len(lat)} latents but {data} {len(split)} images; re-run encode_latents")
         unique, table, counts = caption_table(split.captions)
-        n, bs = len(lat["mean"]), cfg.batch_size
+        n, bs = len(lat), cfg.batch_size
 
         with distributed(pick_device(device)) as (dist, dev), tempfile.TemporaryDirectory() as scratch:
             dist.check_batch(bs, n, "unet.batch_size")
             torch.manual_seed(seed)  # parameter initialisation only; the loop uses its own per-step generators
-            unet_args = UNetArgs.from_config(cfg, in_channels=lat["mean"].shape[1], context_dim=text_cfg.hidden_size)
-            diffusion = DiffusionArgs(cfg.beta_schedule, cfg.num_timesteps, cfg.prediction, scale_factor)
-            model = LatentDiffusion(unet_args, text_cfg, diffusion, tuple(lat["mean"].shape[2:])).to(dev)
+            text_args = config.args_from(text_cfg, TextEncoderArgs)
+            unet_args = config.args_from(cfg, UNetArgs, in_channels=lat.mean.shape[1], context_dim=text_args.hidden_size)
+            diffusion = config.args_from(cfg, DiffusionArgs, scale_factor=lat.scale_factor)
+            model = LatentDiffusion(unet=unet_args, text=text_args, diffusion=diffusion,
+                                    latent_hw=tuple(lat.mean.shape[2:])).to(dev)
             amp = fast_path([model.unet], dev, cfg.precision, cfg.compile, cfg.compile_mode)
-            fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
             tokenizer_dir = write_clip_tokenizer_files(Path(scratch) / "tokenizer")
-            caption_ids = tokenize(load_tokenizer(tokenizer_dir, text_cfg.max_length), unique,
-                                   text_cfg.max_length).to(dev)
-            mean, std = lat["mean"].to(dev), lat["std"].to(dev)  # the whole data set lives on the device
-            table, counts = table.to(dev), counts.to(dev)
-            batches = Batches(n, bs, seed, dev)
-
-            def loss_fn(step: int, gen: torch.Generator):
-                idx = batches(step)  # (B,) the global batch; every draw is for all of it, then this rank's slice
-                b, shape = len(idx), mean.shape[1:]
-                noise = torch.randn((b, *shape), generator=gen, device=dev)
-                pick = torch.rand(b, generator=gen, device=dev)
-                drop = torch.rand(b, generator=gen, device=dev) < cfg.cond_drop
-                t = torch.randint(0, model.denoiser.num_timesteps, (b,), generator=gen, device=dev)
-                eps = torch.randn((b, *shape), generator=gen, device=dev)
-                idx, noise, pick, drop, t, eps = (dist.shard(v) for v in (idx, noise, pick, drop, t, eps))
-                z0 = (mean[idx] + std[idx] * noise) * scale_factor  # a posterior sample, scaled to unit variance
-                cid = table[idx, (pick * counts[idx]).long()]
-                cid = torch.where(drop, torch.zeros_like(cid), cid)  # caption dropout: "" trains p(x) for CFG
-                if dev.type == "cuda":  # unique() would make every step wait for the GPU; B captions cost less
-                    context = model.encode_text(caption_ids[cid])  # (B, L, D)
-                else:
-                    uniq, inverse = cid.unique(return_inverse=True)
-                    context = model.encode_text(caption_ids[uniq])[inverse]  # (B, L, D); each caption encoded once
-                z0, eps = z0.contiguous(memory_format=fmt), eps.contiguous(memory_format=fmt)
-                return model.denoiser.loss(z0, context, t=t, eps=eps), {}
-
+            caption_ids = tokenize(load_tokenizer(tokenizer_dir, text_args.max_length), unique,
+                                   text_args.max_length).to(dev)
+            loss_fn = LatentDiffusionLoss(model, lat, caption_ids, table, counts, batches=Batches(n, bs, seed, dev),
+                                          cond_drop=cfg.cond_drop, dist=dist)
             optimizer = adamw(model.parameters(), cfg.lr, dev)
             total = steps_for(n, bs, epochs)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup=min(200, total // 10)))
             ema = EMA(model, cfg.ema_decay)
-            run_params = {**{f"unet.{k}": v for k, v in cfg.model_dump().items()},
-                          **{f"text.{k}": v for k, v in text_cfg.model_dump().items()}, "epochs": epochs, "seed": seed}
+            run_params = config.flatten({"unet": cfg, "text": text_cfg, "epochs": epochs, "seed": seed})
             ckpt = Checkpointer(checkpoint, fingerprint(run_params, files=(latents / "train.safetensors",)))
             with tracking.stage_run("train_unet", run_params) if dist.is_main else contextlib.nullcontext():
                 history = fit(model=model, loss_fn=loss_fn, optimizer=optimizer, total_steps=total,
@@ -131,7 +94,6 @@ def main(
         ckpt.clear()
         wrote(out, metrics, curve)
         print(f"train_unet: {total} steps, final loss {result['loss']:.4f}")
-
 
 if __name__ == "__main__":
     app()

@@ -10,13 +10,12 @@ import torch
 import typer
 
 from sdlib import config, tracking
-from sdlib.cli import pick_device, user_errors, wrote
-from sdlib.data import load_split
-from sdlib.evaluation import reconstruct, reconstruction_psnr
-from sdlib.io import write_csv, write_json
-from sdlib.trainer import (Batches, Checkpointer, adamw, distributed, fast_path, fingerprint, fit, steps_for,
-                           warmup_cosine)
-from sdlib.vae import AutoencoderKL, VAEArgs, save_vae, vae_loss
+from sdlib.cli import check_outputs, pick_device, user_errors, wrote
+from sdlib.data.splits import load_split
+from sdlib.io import fingerprint, write_csv, write_json
+from sdlib.models.vae import AutoencoderKL, VAEArgs, reconstruct, reconstruction_psnr, save_vae
+from sdlib.training.autoencoder import VAELoss
+from sdlib.training.loop import Batches, Checkpointer, adamw, distributed, fast_path, fit, steps_for, warmup_cosine
 
 app = typer.Typer(add_completion=False)
 
@@ -38,33 +37,25 @@ def main(
     with user_errors():
         raw = config.read_params(params)
         cfg, seed = config.parse_section("vae", raw.get("vae")), config.top_level(raw, "seed")
+        check_outputs(out, metrics, curve, checkpoint)
         train, test = load_split(data, "train"), load_split(data, "test")
         n = len(train.images)
 
         with distributed(pick_device(device)) as (dist, dev):
             dist.check_batch(cfg.batch_size, n, "vae.batch_size")
             torch.manual_seed(seed)  # parameter initialisation only; the loop uses its own per-step generators
-            args = VAEArgs.from_config(cfg, in_channels=train.images.shape[1])
+            args = config.args_from(cfg, VAEArgs, in_channels=train.images.shape[1])
             vae = AutoencoderKL(args).to(dev)
             amp = fast_path([vae.encoder, vae.decoder], dev, cfg.precision, cfg.compile, cfg.compile_mode)
             fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
             images = train.images.to(dev, memory_format=fmt)  # the whole data set lives on the device
-            batches = Batches(n, cfg.batch_size, seed, dev)
+            loss_fn = VAELoss(vae, images, batches=Batches(n, cfg.batch_size, seed, dev), kl_weight=cfg.kl_weight,
+                              dist=dist)
             optimizer = adamw(vae.parameters(), cfg.lr, dev)
             total = steps_for(n, cfg.batch_size, cfg.epochs)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup=min(100, total // 10)))
 
-            def loss_fn(step: int, gen: torch.Generator):
-                idx = batches(step)  # (B,) the global batch
-                x = images[dist.shard(idx)]
-                posterior = vae.encode(x)
-                shape = (len(idx), *posterior.mean.shape[1:])  # the draw is for the global batch, then sliced
-                noise = dist.shard(torch.randn(shape, generator=gen, device=dev, dtype=posterior.mean.dtype))
-                recon = vae.decode(posterior.sample(noise=noise))
-                loss, rec, kl = vae_loss(x, recon, posterior, cfg.kl_weight)
-                return loss, {"rec": rec, "kl": kl}
-
-            run_params = {**{f"vae.{k}": v for k, v in cfg.model_dump().items()}, "seed": seed}
+            run_params = config.flatten({"vae": cfg, "seed": seed})
             ckpt = Checkpointer(checkpoint, fingerprint(cfg.model_dump(), seed, files=(data / "train.safetensors",)))
             with tracking.stage_run("train_vae", run_params) if dist.is_main else contextlib.nullcontext():
                 history = fit(model=vae, loss_fn=loss_fn, optimizer=optimizer, total_steps=total,

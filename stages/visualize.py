@@ -8,12 +8,14 @@ import torch
 import typer
 
 from sdlib import config, tracking
-from sdlib.cli import pick_device, user_errors, wrote
-from sdlib.data import load_split
+from sdlib.cli import check_outputs, pick_device, user_errors, wrote
+from sdlib.data.splits import load_split
+from sdlib.diffusion.samplers import check_sampler
+from sdlib.evaluation.visualize import attention_figure, forward_figure, reverse_figure
+from sdlib.generate import Prompts
 from sdlib.io import atomic_dir
-from sdlib.pipeline import Prompts, load_ldm
-from sdlib.vae import load_vae
-from sdlib.visualize import attention_figure, forward_figure, reverse_figure
+from sdlib.ldm import load_ldm
+from sdlib.models.vae import load_vae
 
 app = typer.Typer(add_completion=False)
 
@@ -31,6 +33,8 @@ def main(
     """Draw the forward process of a real image, the reverse process of a prompt, and its attention maps."""
     with user_errors():
         cfg = config.load_section("sample", params)
+        check_sampler(cfg.sampler, "sample.sampler")
+        check_outputs(out)
         dev = pick_device(device)
         model, _ = load_ldm(unet / "model.safetensors", dev)
         autoencoder = load_vae(vae, dev)

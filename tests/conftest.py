@@ -49,18 +49,17 @@ def tiny_models(tmp_path_factory):
     """An untrained tiny latent diffusion model (models/unet layout: weights + tokenizer) and VAE drawing 8x8 digits."""
     import torch
 
-    from sdlib.config import TextConfig
-    from sdlib.data import DIGIT_NAMES
-    from sdlib.pipeline import DiffusionArgs, LatentDiffusion, save_ldm
-    from sdlib.text import write_clip_tokenizer_files
-    from sdlib.unet import UNetArgs
-    from sdlib.vae import AutoencoderKL, VAEArgs, save_vae
+    from sdlib.data.captions import DIGIT_NAMES
+    from sdlib.ldm import DiffusionArgs, LatentDiffusion, save_ldm
+    from sdlib.models.text import TextEncoderArgs, write_clip_tokenizer_files
+    from sdlib.models.unet import UNetArgs
+    from sdlib.models.vae import AutoencoderKL, VAEArgs, save_vae
 
     root = tmp_path_factory.mktemp("tiny_models")
     torch.manual_seed(0)
-    text = TextConfig(hidden_size=16, num_layers=1, num_heads=2, max_length=8)
-    model = LatentDiffusion(UNetArgs(in_channels=4, context_dim=16, model_channels=8, channel_mult=(1, 2),
-                                     num_heads=2), text, DiffusionArgs(), (4, 4))
+    text = TextEncoderArgs(hidden_size=16, num_layers=1, num_heads=2, max_length=8)
+    model = LatentDiffusion(unet=UNetArgs(in_channels=4, context_dim=16, model_channels=8, channel_mult=(1, 2),
+                                          num_heads=2), text=text, diffusion=DiffusionArgs(), latent_hw=(4, 4))
     save_ldm(root / "unet" / "model.safetensors", model, {"classes": list(DIGIT_NAMES), "digits": True})
     write_clip_tokenizer_files(root / "unet" / "tokenizer")
     save_vae(root / "vae.safetensors", AutoencoderKL(VAEArgs(in_channels=1, base_channels=8, channel_mult=(1, 2))))

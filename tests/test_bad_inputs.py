@@ -8,7 +8,6 @@ from typer.testing import CliRunner
 from sdlib.config import load_all
 
 
-
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """An empty working directory holding a valid params.yaml and a corrupt 'processed' dataset and checkpoints."""

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdlib.config import ConfigError
-from sdlib.samplers import SAMPLERS
-from sdlib.unet import UNet, UNetArgs
+from sdlib.diffusion.samplers import SAMPLERS
+from sdlib.errors import ConfigError
+from sdlib.models.unet import UNet, UNetArgs
 
 REPO = Path(__file__).resolve().parents[1]
 

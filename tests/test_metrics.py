@@ -15,12 +15,13 @@ import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torchvision.transforms.functional import gaussian_blur
 from typer.testing import CliRunner
 
-from sdlib.classifier import Classifier, ClassifierArgs, predict, save_classifier, train_classifier
-from sdlib.config import ClassifierConfig
-from sdlib.data import DIGIT_NAMES, Split, class_captions, save_png, to_uint8, write_processed
-from sdlib.io import CheckpointError
-from sdlib.metrics import conditional_accuracy, fidelity_metrics, inception_fid, kid_subset_size
-from sdlib.vae import AutoencoderKL, VAEArgs, save_vae
+from sdlib.data.captions import DIGIT_NAMES, class_captions
+from sdlib.data.images import save_png, to_uint8
+from sdlib.data.splits import Split, write_processed
+from sdlib.errors import CheckpointError
+from sdlib.evaluation.metrics import conditional_accuracy, fidelity_metrics, inception_fid, kid_subset_size
+from sdlib.models.classifier import Classifier, ClassifierArgs, predict, save_classifier, train_classifier
+from sdlib.models.vae import AutoencoderKL, VAEArgs, save_vae
 from stages.evaluate import app
 
 runner = CliRunner()
@@ -40,8 +41,8 @@ def classifier_path(tmp_path_factory, digits) -> Path:
     images, labels = digits
     torch.manual_seed(0)
     model = Classifier(ClassifierArgs(width=8))
-    train_classifier(model, images[:1000], labels[:1000], ClassifierConfig(epochs=3, batch_size=32, lr=3e-3),
-                     torch.Generator().manual_seed(0), CPU, progress=False)
+    train_classifier(model, images[:1000], labels[:1000], torch.Generator().manual_seed(0), CPU,
+                     epochs=3, batch_size=32, lr=3e-3, progress=False)
     path = tmp_path_factory.mktemp("models") / "classifier.safetensors"
     save_classifier(path, model, list(DIGIT_NAMES))
     return path
@@ -267,7 +268,7 @@ def test_evaluate_reports_a_missing_classifier_or_inception_weights(project, tmp
 
 def test_evaluate_labels_agree_with_the_classifier(project, classifier_path, digits):
     """cond_acc is the classifier's accuracy on the prompted labels: check against `predict` directly."""
-    from sdlib.classifier import load_classifier
+    from sdlib.models.classifier import load_classifier
 
     result = runner.invoke(app, project["args"])
     assert result.exit_code == 0, result.output

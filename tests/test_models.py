@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from sdlib.io import load_weights, save_weights
-from sdlib.unet import UNet, UNetArgs, timestep_embedding
-from sdlib.vae import AutoencoderKL, VAEArgs, psnr, vae_loss
+from sdlib.models.unet import UNet, UNetArgs, timestep_embedding
+from sdlib.models.vae import AutoencoderKL, VAEArgs, psnr, vae_loss
 
 
 def test_vae_shapes_and_factor():

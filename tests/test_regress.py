@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from sdlib.regress import regressions
+from sdlib.evaluation.regress import regressions
 
 # the default run's reports/metrics.json (2026-11-26): each metric with its spread over 3 seed sets of 500 samples
 BASE = {"fid": 1.2643, "fid_std": 0.040876, "kid": 0.001613, "kid_std": 0.00053315, "cond_acc": 0.99667,
@@ -51,7 +51,7 @@ def test_cli_exit_codes(tmp_path):
     base, cur = tmp_path / "base.json", tmp_path / "cur.json"
     base.write_text(json.dumps(BASE))
     cur.write_text(json.dumps({**BASE, "fid": 12.0}))
-    cmd = [sys.executable, "-m", "sdlib.regress", "--baseline", str(base), "--current", str(cur)]
+    cmd = [sys.executable, "-m", "sdlib.evaluation.regress", "--baseline", str(base), "--current", str(cur)]
     failed = subprocess.run(cmd, capture_output=True, text=True)
     assert failed.returncode == 1 and "REGRESSED" in failed.stdout
     cur.write_text(json.dumps(BASE))

@@ -8,7 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sdlib import tracking
-from sdlib.report import confusion_table
+from sdlib.evaluation.report import confusion_table
 from stages.report import app
 
 runner = CliRunner()

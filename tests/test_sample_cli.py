@@ -1,7 +1,6 @@
 """The generate command (`python -m stages.sample`) on a tiny saved model: outputs, and one-line errors."""
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 

@@ -1,4 +1,4 @@
-"""Samplers (sdlib.samplers) and SDEdit img2img (sdlib.img2img), checked on Gaussian data where everything is exact.
+"""Samplers (sdlib.diffusion.samplers) and SDEdit img2img (sdlib.diffusion.img2img), checked on Gaussian data where everything is exact.
 
 For x0 ~ N(mu, s^2) the ideal denoiser is D(x, sigma) = (s^2 x + sigma^2 mu) / (s^2 + sigma^2), the marginal at
 noise level sigma is N(mu, s^2 + sigma^2), and the probability-flow ODE has the closed-form solution
@@ -10,10 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from sdlib.img2img import img2img_sigmas, noised_start
-from sdlib.samplers import (RECOMMENDED_STEPS, SAMPLERS, ImageRNG, sample, sample_ddim, sample_ddpm, sample_euler,
-                            sample_euler_ancestral, sample_pndm)
-from sdlib.schedules import alphas_cumprod, betas, get_sigmas, sigmas_karras, vp_sigmas
+from sdlib.diffusion.img2img import img2img_sigmas, noised_start
+from sdlib.diffusion.samplers import (
+    SAMPLERS,
+    ImageRNG,
+    sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_pndm,
+)
+from sdlib.diffusion.schedules import alphas_cumprod, betas, get_sigmas, sigmas_karras, vp_sigmas
 
 # "image" i is a row of N iid 1-D draws from N(MU_i, S_i^2): (B=2, N), two generators whatever N is
 MU = torch.tensor([[0.3], [-1.0]], dtype=torch.float64)
@@ -45,7 +53,7 @@ def marginal_sample(rng: ImageRNG, sigma: torch.Tensor, n: int = N) -> torch.Ten
 
 def test_registries_list_every_sampler():
     names = ["ddpm", "ddim", "euler_maruyama", "euler", "euler_ancestral", "heun", "lms", "pndm", "dpmpp_2m"]
-    assert list(SAMPLERS) == names and set(RECOMMENDED_STEPS) == set(names)
+    assert list(SAMPLERS) == names
 
 
 def test_unknown_sampler_names_the_choices():
@@ -92,9 +100,9 @@ VAR_TOL = {"ddpm": 0.10, "ddim": 0.08, "euler_maruyama": 0.05, "euler": 0.08, "e
 @pytest.mark.parametrize("schedule", ["discrete", "karras"])
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_gaussian_moments_at_recommended_steps(name, schedule):
-    sigmas = get_sigmas(schedule, TRAIN_SIGMAS, RECOMMENDED_STEPS[name])
+    sigmas = get_sigmas(schedule, TRAIN_SIGMAS, SAMPLERS[name].steps)
     rng = ImageRNG([10, 11])
-    out = SAMPLERS[name](gaussian_denoiser, marginal_sample(rng, sigmas[0]), sigmas, rng=rng)
+    out = SAMPLERS[name].fn(gaussian_denoiser, marginal_sample(rng, sigmas[0]), sigmas, rng=rng)
     mean_err = (out.mean(dim=1, keepdim=True) - MU) / (S / N**0.5)  # in standard errors
     assert mean_err.abs().max() < 4, mean_err
     var_ratio = out.var(dim=1, keepdim=True) / S**2
@@ -152,7 +160,7 @@ def test_image_rng_makes_each_image_independent_of_its_batch(name):
 
     def generate(seeds):
         rng = ImageRNG(seeds)
-        return SAMPLERS[name](denoiser, rng.randn((2, 4, 4)) * sigmas[0], sigmas, rng=rng)
+        return SAMPLERS[name].fn(denoiser, rng.randn((2, 4, 4)) * sigmas[0], sigmas, rng=rng)
 
     alone, batch = generate([7]), generate([3, 7, 11, 5])
     assert torch.equal(alone[0], batch[1])

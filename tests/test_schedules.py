@@ -1,10 +1,10 @@
-"""Training betas and sampling sigma schedules (sdlib.schedules)."""
+"""Training betas and sampling sigma schedules (sdlib.diffusion.schedules)."""
 import math
 
 import pytest
 import torch
 
-from sdlib.schedules import alphas_cumprod, betas, get_sigmas, sigmas_discrete, sigmas_karras, vp_sigmas
+from sdlib.diffusion.schedules import alphas_cumprod, betas, get_sigmas, sigmas_discrete, sigmas_karras, vp_sigmas
 
 T = 1000
 

@@ -8,12 +8,20 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer
 
-from sdlib.config import TextConfig
 from sdlib.io import load_weights
-from sdlib.text import (VOCAB_SIZE, TextEncoder, load_pretrained_text_encoder, load_text_encoder, load_tokenizer,
-                        save_text_encoder, tokenize, write_clip_tokenizer_files)
+from sdlib.models.text import (
+    VOCAB_SIZE,
+    TextEncoder,
+    TextEncoderArgs,
+    load_pretrained_text_encoder,
+    load_text_encoder,
+    load_tokenizer,
+    save_text_encoder,
+    tokenize,
+    write_clip_tokenizer_files,
+)
 
-TINY = TextConfig(hidden_size=32, num_layers=1, num_heads=2, max_length=16)
+TINY = TextEncoderArgs(hidden_size=32, num_layers=1, num_heads=2, max_length=16)
 BOS, EOS = 49406, 49407
 PROMPTS = ["a handwritten digit eight", "8", "A photo of a cat!", "café ☕", "", "  Two   SPACES  ",
            "don't 123 &amp; x", "日本語のテキスト", "naïve façade 🐱"]

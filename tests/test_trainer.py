@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from sdlib.trainer import (EMA, Checkpointer, TrainingError, batch_indices, epoch_permutation, fast_path, fingerprint,
-                           fit, warmup_cosine)
+from sdlib.errors import TrainingError
+from sdlib.io import fingerprint
+from sdlib.training.loop import EMA, Checkpointer, batch_indices, epoch_permutation, fast_path, fit, warmup_cosine
 
 X = torch.linspace(-1, 1, 40)[:, None]
 Y = 3 * X + 0.5

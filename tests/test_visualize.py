@@ -2,20 +2,21 @@
 import pytest
 import torch
 
-from sdlib.config import TextConfig
-from sdlib.pipeline import DiffusionArgs, LatentDiffusion, Prompts, generate
-from sdlib.text import write_clip_tokenizer_files
-from sdlib.unet import UNetArgs
-from sdlib.vae import AutoencoderKL, VAEArgs
-from sdlib.visualize import attention_figure, attention_maps, forward_figure, reverse_figure
+from sdlib.evaluation.visualize import attention_figure, attention_maps, forward_figure, reverse_figure
+from sdlib.generate import Prompts, generate
+from sdlib.ldm import DiffusionArgs, LatentDiffusion
+from sdlib.models.text import TextEncoderArgs, write_clip_tokenizer_files
+from sdlib.models.unet import UNetArgs
+from sdlib.models.vae import AutoencoderKL, VAEArgs
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     torch.manual_seed(0)
-    text = TextConfig(hidden_size=16, num_layers=1, num_heads=2, max_length=8)
-    model = LatentDiffusion(UNetArgs(in_channels=4, context_dim=16, model_channels=8, channel_mult=(1, 2),
-                                     attention_levels=(0, 1), num_heads=2), text, DiffusionArgs(), (4, 4)).eval()
+    text = TextEncoderArgs(hidden_size=16, num_layers=1, num_heads=2, max_length=8)
+    model = LatentDiffusion(unet=UNetArgs(in_channels=4, context_dim=16, model_channels=8, channel_mult=(1, 2),
+                                          attention_levels=(0, 1), num_heads=2), text=text, diffusion=DiffusionArgs(),
+                            latent_hw=(4, 4)).eval()
     for p in model.unet.parameters():  # random, non-zero weights so that attention reaches the output
         torch.nn.init.normal_(p, std=0.1)
     vae = AutoencoderKL(VAEArgs(in_channels=1, base_channels=8, channel_mult=(1, 2))).eval()

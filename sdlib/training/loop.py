@@ -12,8 +12,6 @@ floating-point rounding. The step never waits for the device: losses stay on it 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
 import sys
@@ -27,14 +25,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from sdlib.config import CompileMode, ConfigError, Precision
+from sdlib.config import CompileMode, Precision
+from sdlib.errors import ConfigError, TrainingError
 from sdlib.io import atomic_path
 
 SEED_STRIDE = 1_000_003  # keeps (seed, step) streams of different seeds apart
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -188,16 +184,6 @@ class EMA:
             p.copy_(s)
 
 
-def fingerprint(*parts: object, files: tuple[Path, ...] = ()) -> str:
-    """Hash of params and input files: a checkpoint only resumes the run that made it."""
-    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 @dataclass
 class Checkpointer:
     """Atomic save/resume of a training state under `path` (a `torch.save` file loaded with weights_only=True)."""
@@ -246,6 +232,10 @@ class History:
         self.rows.append(row)
         self._acc, self._n = {}, 0
         return row
+
+    def running_mean(self, key: str) -> float:
+        """The mean of `key` over the current epoch's steps so far."""
+        return self._acc.get(key, 0.0) / max(self._n, 1)
 
     def state_dict(self) -> dict:
         """Finished epochs and the running sums of the current one, so a resumed run logs the same means."""
@@ -344,7 +334,7 @@ def fit(
                 raise TrainingError(f"non-finite loss ({row[0]}) at step {i}; "
                                     f"the last good checkpoint is kept at {checkpointer.path}")
             history.add(dict(zip(keys, row)))
-        bar.set_postfix(loss=f"{history._acc['loss'] / history._n:.4f}", refresh=False)
+        bar.set_postfix(loss=f"{history.running_mean('loss'):.4f}", refresh=False)
 
     for step in bar:
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):

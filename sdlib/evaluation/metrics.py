@@ -2,7 +2,7 @@
 
 FID (Heusel et al. 2017), KID (Binkowski et al. 2018) and precision/recall (Kynkaanniemi et al. 2019) are computed
 by `torch_fidelity.calculate_metrics`; this module only supplies the feature space. By default that is the
-penultimate layer of the project's own classifier (`sdlib.classifier`), registered with torch-fidelity as the
+penultimate layer of the project's own classifier (`sdlib.models.classifier`), registered with torch-fidelity as the
 feature extractor `sdlib-classifier`, so evaluation works offline. Standard Inception FID (`inception_fid`) needs a
 local copy of the Inception weights.
 
@@ -22,8 +22,8 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from sdlib.classifier import load_classifier
-from sdlib.io import CheckpointError
+from sdlib.errors import CheckpointError
+from sdlib.models.classifier import load_classifier
 
 FEATURE_EXTRACTOR = "sdlib-classifier"
 PENULTIMATE = "penultimate"

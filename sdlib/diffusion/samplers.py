@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from scipy import integrate
 from torch import Tensor
 
+from sdlib.errors import ConfigError
+
 Denoise = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
-SamplerName = Literal["ddpm", "ddim", "euler_maruyama", "euler", "euler_ancestral", "heun", "lms", "pndm", "dpmpp_2m"]
 
 
 class ImageRNG:
@@ -267,27 +269,36 @@ def sample_dpmpp_2m(denoiser: Denoise, x: Tensor, sigmas: Tensor, *, rng: ImageR
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "euler_maruyama": sample_euler_maruyama,
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "lms": sample_lms,
-    "pndm": sample_pndm,
-    "dpmpp_2m": sample_dpmpp_2m,
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler: the function, the noise levels it is run on by default, and a good step count."""
+
+    fn: Callable[..., Tensor]
+    schedule: Literal["discrete", "karras"]  # discrete: SD's training timesteps, as in the sampler's paper
+    steps: int  # recommended steps (len(sigmas) - 1); heun makes 2 denoiser calls a step (39 for 20 steps)
+
+
+# The one list of samplers: the config, the CLI, the comparison and the docs all derive from it.
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(sample_ddpm, "discrete", 100),
+    "ddim": SamplerSpec(sample_ddim, "discrete", 50),
+    "euler_maruyama": SamplerSpec(sample_euler_maruyama, "karras", 250),
+    "euler": SamplerSpec(sample_euler, "karras", 50),
+    "euler_ancestral": SamplerSpec(sample_euler_ancestral, "karras", 50),
+    "heun": SamplerSpec(sample_heun, "karras", 20),
+    "lms": SamplerSpec(sample_lms, "karras", 30),
+    "pndm": SamplerSpec(sample_pndm, "discrete", 30),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, "karras", 20),
 }
 
-# steps (len(sigmas) - 1) giving good samples; heun makes 2 denoiser calls a step (39 for 20 steps)
-RECOMMENDED_STEPS: dict[str, int] = {
-    "ddpm": 100, "ddim": 50, "euler_maruyama": 250, "euler": 50, "euler_ancestral": 50,
-    "heun": 20, "lms": 30, "pndm": 30, "dpmpp_2m": 20,
-}
 
-
-def sample(name: SamplerName | str, denoiser: Denoise, x: Tensor, sigmas: Tensor, **kw: Any) -> Tensor:
-    """Run the sampler called `name` (a key of SAMPLERS) with keyword arguments `kw`."""
+def check_sampler(name: str, key: str = "sampler") -> str:
+    """`name` if it is a registered sampler, else a ConfigError naming the parameter `key`."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
-    return SAMPLERS[name](denoiser, x, sigmas, **kw)
+        raise ConfigError(f"params: bad value for '{key}' ({name!r}): choose from {', '.join(SAMPLERS)}")
+    return name
+
+
+def sample(name: str, denoiser: Denoise, x: Tensor, sigmas: Tensor, **kw: Any) -> Tensor:
+    """Run the sampler called `name` (a key of SAMPLERS) with keyword arguments `kw`."""
+    return SAMPLERS[check_sampler(name)].fn(denoiser, x, sigmas, **kw)

@@ -1,7 +1,7 @@
 """`dvc plots show` that works offline: the HTML page carries the Vega libraries inline instead of loading them from
 a CDN, so the training curves and the confusion matrix render without a network.
 
-    python -m sdlib.plots [--out dvc_plots]      # or: make plots
+    python -m stages.plots [--out dvc_plots]      # or: make plots
 
 The Vega, Vega-Lite and Vega-Embed bundle comes from `vl-convert-python`; the page is DVC's own, given to
 `dvc plots show --html-template` with the bundle where DVC would put its CDN script tags.

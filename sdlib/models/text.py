@@ -13,21 +13,30 @@ import html
 import importlib.util
 import json
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import ftfy  # a dependency of open_clip_torch; CLIP cleans text with it before BPE
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from sdlib.config import TextConfig
 from sdlib.io import load_weights, save_weights
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VOCAB_SIZE = 49408  # 256 bytes + 256 bytes with </w> + 48,894 merges + BOS + EOS
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what `write_clip_tokenizer_files` writes and `load_tokenizer` reads
 
 
 # --- tokenizer -------------------------------------------------------------------------------------------------------
@@ -122,7 +131,24 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_len
 
 # --- trained-from-scratch encoder ------------------------------------------------------------------------------------
 
-def clip_text_config(cfg: TextConfig) -> CLIPTextConfig:
+@dataclass(frozen=True, kw_only=True)
+class TextEncoderArgs:
+    hidden_size: int = 128  # width of the token states the U-Net cross-attends to
+    num_layers: int = 2
+    num_heads: int = 4
+    max_length: int = 16  # tokens per prompt, start and end token included (CLIP: 77)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+        if not 2 <= self.max_length <= 77:
+            raise ValueError(f"max_length must lie in 2..77 (CLIP's context), got {self.max_length}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def clip_text_config(cfg: TextEncoderArgs) -> CLIPTextConfig:
     """A CLIPTextConfig shaped by `cfg`; everything else as CLIP ViT-L/14's text tower (quick-GELU, 4x MLP)."""
     return CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
@@ -143,7 +169,7 @@ def clip_text_config(cfg: TextConfig) -> CLIPTextConfig:
 class TextEncoder(nn.Module):
     """CLIP's causal text transformer, randomly initialised; token ids (B, L) -> token states (B, L, dim)."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextEncoderArgs):
         super().__init__()
         self.cfg = cfg
         self.dim = cfg.hidden_size
@@ -158,14 +184,14 @@ class TextEncoder(nn.Module):
 
 
 def save_text_encoder(path: str | Path, encoder: TextEncoder) -> None:
-    """Save weights as safetensors with the TextConfig in the header (position ids are a non-persistent buffer)."""
-    save_weights(path, encoder.state_dict(), {"kind": "text_encoder", "config": encoder.cfg.model_dump()})
+    """Save weights as safetensors with the TextEncoderArgs in the header (position ids are a non-persistent buffer)."""
+    save_weights(path, encoder.state_dict(), {"kind": "text_encoder", "config": encoder.cfg.to_dict()})
 
 
 def load_text_encoder(path: str | Path, device: torch.device | str = "cpu") -> TextEncoder:
     """Rebuild a TextEncoder from a `save_text_encoder` file alone."""
     tensors, meta = load_weights(path, kind="text_encoder")
-    encoder = TextEncoder(TextConfig(**meta["config"]))
+    encoder = TextEncoder(TextEncoderArgs(**meta["config"]))
     encoder.load_state_dict(tensors, strict=True)
     return encoder.to(device)
 

@@ -4,18 +4,16 @@
 and the gate exits 1 with a table when a metric got worse by more than its tolerance. Tolerances come from the
 baseline's own measured spread over sampling seeds (`fid_std`, ...), with a floor per metric.
 
-    python -m sdlib.regress [--baseline REV_OR_PATH] [--current reports/metrics.json]
+    python -m stages.regress [--baseline REV_OR_PATH] [--current reports/metrics.json]   # or: make regress
 """
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
-import typer
+from sdlib.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -69,26 +67,4 @@ def read_baseline(ref: str, path: str) -> dict:
         out = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
         if out.returncode == 0:
             return json.loads(out.stdout)
-    raise typer.BadParameter(f"no {path} at git revision '{ref}' (nor 'origin/{ref}')")
-
-
-def main(
-    baseline: Annotated[str, typer.Option(help="git revision or metrics file to compare against")] = "main",
-    current: Annotated[Path, typer.Option(help="metrics file of this run")] = Path("reports/metrics.json"),
-) -> None:
-    """Exit 1 with a table if any gated metric regressed beyond its tolerance."""
-    if not current.is_file():
-        raise typer.BadParameter(f"{current} not found (run `dvc repro` first)")
-    committed = str(current) if not current.is_absolute() else "reports/metrics.json"  # its path inside the repo
-    rows = regressions(json.loads(current.read_text()), read_baseline(baseline, committed))
-    print(f"{'metric':<10} {'baseline':>10} {'current':>10} {'worse by':>10} {'tolerance':>10}  verdict")
-    for r in rows:
-        verdict = "REGRESSED" if r["regressed"] else "ok"
-        print(f"{r['metric']:<10} {r['baseline']:>10.4g} {r['current']:>10.4g} {r['worse_by']:>10.4g} "
-              f"{r['tolerance']:>10.4g}  {verdict}")
-    if any(r["regressed"] for r in rows):
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    typer.run(main)
+    raise ConfigError(f"--baseline: no {path} at git revision '{ref}' (nor 'origin/{ref}'), and no such file")

@@ -1,9 +1,10 @@
-"""What the evaluate stage measures, beyond the metric math in `sdlib.metrics`: reading the sample manifest, splitting
-the samples into seed sets (so every number comes with its spread over sampling seeds), and the VAE's own quality.
+"""What the evaluate stage measures, beyond the metric math in `sdlib.evaluation.metrics`: reading the sample
+manifest, splitting the samples into seed sets (so every number comes with its spread over sampling seeds), the
+real-vs-real floor, and the VAE's own quality.
 
 A metric computed on one set of samples is one draw of a random variable; the spread over disjoint seed sets of the
-same size says how far two runs may differ by chance alone. The regression gate (`sdlib.regress`) sets its tolerances
-from that spread.
+same size says how far two runs may differ by chance alone. The regression gate (`sdlib.evaluation.regress`) sets
+its tolerances from that spread.
 """
 from __future__ import annotations
 
@@ -11,15 +12,13 @@ import re
 import statistics
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
-from sdlib.cli import DataError
-from sdlib.data import to_uint8
-from sdlib.metrics import fidelity_metrics
-from sdlib.vae import AutoencoderKL, psnr
+from sdlib.data.images import to_uint8
+from sdlib.errors import DataError
+from sdlib.evaluation.metrics import PRC_NEIGHBOURS, conditional_accuracy, fidelity_metrics
+from sdlib.models.vae import AutoencoderKL, reconstruct, reconstruction_psnr
 
 
 def read_manifest(path: Path, num_classes: int) -> tuple[list[str], list[Path], torch.Tensor]:
@@ -42,21 +41,6 @@ def read_manifest(path: Path, num_classes: int) -> tuple[list[str], list[Path], 
             raise DataError(f"{path} line {line}: sample {file} not found")
         labels.append(int(label))
     return list(table["prompt"]), [Path(f) for f in table["path"]], torch.tensor(labels, dtype=torch.int64)
-
-
-def read_pngs(paths: list[Path], channels: int, size: int) -> torch.Tensor:
-    """uint8 (N, channels, size, size) images; a sample of another size is an error, not silently resized."""
-    images = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                a = np.asarray(im.convert("L" if channels == 1 else "RGB"))  # (H, W) or (H, W, 3)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"{p}: not a readable image ({e})") from None
-        if a.shape[:2] != (size, size):
-            raise DataError(f"{p}: {a.shape[1]}x{a.shape[0]} image, the data is {size}x{size}")
-        images.append(torch.from_numpy(a.reshape(size, size, channels).copy()).permute(2, 0, 1))  # (C, S, S)
-    return torch.stack(images)
 
 
 def seed_sets(prompts: list[str], k: int) -> list[torch.Tensor]:
@@ -99,14 +83,46 @@ def fid_floor(train_images: torch.Tensor, real_uint8: torch.Tensor, n: int, clas
     return fidelity_metrics(to_uint8(train_images[pick]), real_uint8, classifier, device, prc=False, kid=False)["fid"]
 
 
-@torch.no_grad()
-def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The VAE's reconstructions decode(mean of encode(x)) of images (N, C, H, W) in [-1, 1], clamped to [-1, 1]."""
-    device = next(vae.parameters()).device
-    out = [vae.decode(vae.encode(x.to(device)).mean).clamp(-1, 1).cpu() for x in images.split(batch_size)]
-    return torch.cat(out)
+def score_samples(gen: torch.Tensor, prompts: list[str], labels: torch.Tensor, pred: torch.Tensor, *,
+                  real: torch.Tensor, train_images: torch.Tensor, classes: list[str], classifier: Path,
+                  n_sets: int, device: torch.device | str) -> tuple[dict[str, float], pd.DataFrame]:
+    """FID, KID, precision/recall and conditional accuracy of the samples, each as mean and `_std` over `n_sets`
+    disjoint seed sets, next to the real-vs-real FID floor at the same sample count.
+
+    gen: uint8 samples (N, C, S, S); labels: the prompted class of each (-1: none); pred: the class the classifier
+    sees; real: uint8 test images. Returns (metrics, the (actual, predicted) rows of the labelled samples).
+    """
+    sets = seed_sets(prompts, n_sets)
+    n = len(sets[0])
+    if n <= PRC_NEIGHBOURS:
+        raise DataError(f"{n} sample(s) per seed set, need at least {PRC_NEIGHBOURS + 1} for precision/recall "
+                        f"({PRC_NEIGHBOURS} nearest neighbours); raise sample.n_per_prompt")
+    if len(train_images) < n:
+        raise DataError(f"{len(train_images)} training images, need {n} for the FID floor at {n} samples")
+    labelled = labels >= 0
+    per_set, floors = [], []
+    for j, idx in enumerate(sets):
+        m = fidelity_metrics(gen[idx], real, classifier, device)
+        m.pop("kid_std")  # KID's own subset spread; the spread that matters here is over seed sets
+        if labelled[idx].any():
+            m["cond_acc"] = (pred[idx] == labels[idx])[labelled[idx]].float().mean().item()
+        per_set.append(m)
+        floors.append({"fid_floor": fid_floor(train_images, real, n, classifier, device, index=j)})
+    result = {**mean_and_spread(per_set), **mean_and_spread(floors)}
+    rows = pd.DataFrame(columns=["actual", "predicted"])
+    if labelled.any():
+        acc, per_class, _ = conditional_accuracy(pred[labelled], labels[labelled], len(classes))
+        result["cond_acc"] = acc  # over all samples; cond_acc_std is its spread over the seed sets
+        result.update({f"cond_acc_per_class.{re.sub(r'[^A-Za-z0-9_. /-]', '_', name)}": a
+                       for name, a in zip(classes, per_class) if a == a})  # NaN: class never prompted
+        rows = pd.DataFrame({"actual": [classes[i] for i in labels[labelled]],
+                             "predicted": [classes[i] for i in pred[labelled]]})
+    result.update(n_samples=n, n_seed_sets=len(sets))
+    return result, rows
 
 
-def reconstruction_psnr(images: torch.Tensor, recon: torch.Tensor) -> float:
-    """Mean PSNR (dB) of reconstructions against their originals, both in [-1, 1]."""
-    return float(psnr(images, recon))
+def vae_quality(vae: AutoencoderKL, images: torch.Tensor, classifier: Path, device: torch.device | str) -> dict:
+    """The autoencoder alone on real images (N, C, S, S) in [-1, 1]: reconstruction PSNR and reconstruction FID."""
+    recon = reconstruct(vae, images)
+    rfid = fidelity_metrics(to_uint8(recon), to_uint8(images), classifier, device, prc=False, kid=False)["fid"]
+    return {"vae_psnr": reconstruction_psnr(images, recon), "vae_rfid": rfid}

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sdlib.data import make_grid_png, to_uint8
-from sdlib.pipeline import LatentDiffusion, Prompts, generate
-from sdlib.vae import AutoencoderKL
+from sdlib.data.images import make_grid_png, to_uint8
+from sdlib.generate import Prompts, generate
+from sdlib.ldm import LatentDiffusion
+from sdlib.models.vae import AutoencoderKL
 
 FORWARD_STEPS = (0, 50, 100, 200, 300, 500, 700, 999)
 
@@ -62,7 +63,7 @@ def attention_maps(model: LatentDiffusion, vae: AutoencoderKL, prompts: Prompts,
     """The generated image (C, H, W) and cross-attention per token (L, H, W), averaged over heads, layers, steps."""
     modules = model.unet.attention_modules()
     size = model.latent_hw[0] * vae.args.factor
-    total = torch.zeros(model.text_cfg.max_length, size, size)
+    total = torch.zeros(model.text_args.max_length, size, size)
     count = 0
 
     def accumulate(_: dict) -> None:

@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from sdlib.schedules import vp_sigmas
+from sdlib.diffusion.schedules import vp_sigmas
 
 Prediction = Literal["eps", "v"]
 

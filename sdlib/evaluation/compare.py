@@ -10,20 +10,23 @@ from pathlib import Path
 import pandas as pd
 
 from sdlib.config import CompareConfig
-from sdlib.samplers import RECOMMENDED_STEPS
+from sdlib.diffusion.samplers import SAMPLERS, check_sampler
 
 
 def planned_runs(cfg: CompareConfig) -> list[tuple[str, int, bool]]:
     """(sampler, steps, is its recommended count) for every sampler at each count, its recommended count, and the
-    extra runs; each pair once, grouped by sampler."""
+    extra runs; each pair once, grouped by sampler. An unknown sampler name is a ConfigError naming its key."""
+    for name in cfg.samplers:
+        check_sampler(name, "compare.samplers")
+    extra = [(check_sampler(run.partition(":")[0], "compare.extra"), int(run.partition(":")[2])) for run in cfg.extra]
     runs: dict[tuple[str, int], bool] = {}
     for name in cfg.samplers:
-        for steps in sorted({*cfg.steps, RECOMMENDED_STEPS[name]}):
-            runs[(name, steps)] = steps == RECOMMENDED_STEPS[name]
-    for run in cfg.extra:
-        name, _, steps = run.partition(":")
-        runs.setdefault((name, int(steps)), int(steps) == RECOMMENDED_STEPS[name])
-    order = {name: i for i, name in enumerate(dict.fromkeys([*cfg.samplers, *(r.partition(":")[0] for r in cfg.extra)]))}
+        recommended = SAMPLERS[name].steps
+        for steps in sorted({*cfg.steps, recommended}):
+            runs[(name, steps)] = steps == recommended
+    for name, steps in extra:
+        runs.setdefault((name, steps), steps == SAMPLERS[name].steps)
+    order = {name: i for i, name in enumerate(dict.fromkeys([*cfg.samplers, *(name for name, _ in extra)]))}
     return sorted(((n, s, rec) for (n, s), rec in runs.items()), key=lambda r: (order[r[0]], r[1]))
 
 

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlib.config import UNetConfig
-from sdlib.layers import Downsample, ResBlock, Upsample, group_norm, zero_module
+from sdlib.models.layers import Downsample, ResBlock, Upsample, group_norm, zero_module
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UNetArgs:
     in_channels: int = 4  # latent channels
     context_dim: int = 128  # width of the text encoder's token states
@@ -31,10 +30,26 @@ class UNetArgs:
     num_heads: int = 4
     skip: Literal["concat", "add"] = "concat"
 
+    def __post_init__(self):
+        levels = len(self.channel_mult)
+        if any(not 0 <= lvl < levels for lvl in self.attention_levels):
+            raise ValueError(f"attention_levels {self.attention_levels} must lie in 0..{levels - 1}")
+        if self.skip not in ("concat", "add"):
+            raise ValueError(f"skip must be concat or add, got {self.skip!r}")
+        bad = sorted({w for w in self.attention_widths() if w % self.num_heads})
+        if bad:
+            raise ValueError(f"num_heads={self.num_heads} must divide the width of every attention level, "
+                             f"not {', '.join(map(str, bad))}")
+
+    def attention_widths(self) -> tuple[int, ...]:
+        """Channel widths of the spatial transformers: the listed levels and the middle block."""
+        mult = self.channel_mult
+        return (*(self.model_channels * mult[lvl] for lvl in self.attention_levels), self.model_channels * mult[-1])
+
     @classmethod
-    def from_config(cls, cfg: UNetConfig, in_channels: int, context_dim: int) -> "UNetArgs":
-        return cls(in_channels, context_dim, cfg.model_channels, tuple(cfg.channel_mult), cfg.num_res_blocks,
-                   tuple(cfg.attention_levels), cfg.transformer_depth, cfg.num_heads, cfg.skip)
+    def from_dict(cls, d: dict) -> "UNetArgs":
+        """The inverse of `to_dict` (a checkpoint's JSON header)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlib.config import VAEConfig
-from sdlib.io import CheckpointError, load_weights, save_weights
-from sdlib.layers import Downsample, ResBlock, SelfAttention2d, Upsample, group_norm
+from sdlib.errors import CheckpointError
+from sdlib.io import load_weights, save_weights
+from sdlib.models.layers import Downsample, ResBlock, SelfAttention2d, Upsample, group_norm
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VAEArgs:
     in_channels: int = 1  # image channels
     base_channels: int = 32  # width of the first level
@@ -28,8 +28,9 @@ class VAEArgs:
     latent_channels: int = 4  # SD v1 uses 4
 
     @classmethod
-    def from_config(cls, cfg: VAEConfig, in_channels: int) -> "VAEArgs":
-        return cls(in_channels, cfg.base_channels, tuple(cfg.channel_mult), cfg.num_res_blocks, cfg.latent_channels)
+    def from_dict(cls, d: dict) -> "VAEArgs":
+        """The inverse of `to_dict` (a checkpoint's JSON header)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     @property
     def factor(self) -> int:
@@ -135,6 +136,19 @@ def psnr(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()
 
 
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The VAE's reconstructions decode(mean of encode(x)) of images (N, C, H, W) in [-1, 1], clamped to [-1, 1]."""
+    device = next(vae.parameters()).device
+    out = [vae.decode(vae.encode(x.to(device)).mean).clamp(-1, 1).cpu() for x in images.split(batch_size)]
+    return torch.cat(out)
+
+
+def reconstruction_psnr(images: torch.Tensor, recon: torch.Tensor) -> float:
+    """Mean PSNR (dB) of reconstructions against their originals, both in [-1, 1]."""
+    return float(psnr(images, recon))
+
+
 def save_vae(path: str | Path, vae: AutoencoderKL) -> None:
     """The VAE's weights with its config, so that `load_vae` rebuilds it from the file alone."""
     save_weights(path, vae.state_dict(), {"kind": "vae", "args": vae.args.to_dict()})
@@ -144,7 +158,7 @@ def load_vae(path: Path, device: torch.device | str = "cpu") -> AutoencoderKL:
     """Rebuild the VAE from its checkpoint alone."""
     tensors, meta = load_weights(path, kind="vae")
     try:
-        vae = AutoencoderKL(VAEArgs(**{**meta["args"], "channel_mult": tuple(meta["args"]["channel_mult"])}))
+        vae = AutoencoderKL(VAEArgs.from_dict(meta["args"]))
         vae.load_state_dict(tensors)
     except (KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: VAE checkpoint does not match the model ({str(e).splitlines()[0]})") from None

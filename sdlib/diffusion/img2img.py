@@ -10,7 +10,7 @@ import math
 
 from torch import Tensor
 
-from sdlib.samplers import ImageRNG
+from sdlib.diffusion.samplers import ImageRNG
 
 
 def img2img_sigmas(sigmas_full: Tensor, strength: float) -> Tensor:

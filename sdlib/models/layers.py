@@ -27,13 +27,12 @@ def zero_module(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv twice with a residual connection; optionally adds a projected time embedding."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int | None = None, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int | None = None):
         super().__init__()
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch) if emb_dim else None
         self.norm2 = group_norm(out_ch)
-        self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -41,7 +40,7 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         if self.emb_proj is not None:
             h = h + self.emb_proj(F.silu(emb))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
 
 

@@ -1,0 +1,1 @@
+"""Data: image sources, captions, preprocessed splits, encoded latents and image I/O."""

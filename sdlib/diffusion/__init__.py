@@ -1,0 +1,1 @@
+"""The diffusion math: noise schedules, denoiser wrappers, samplers, guidance and image-to-image."""

@@ -1,0 +1,1 @@
+"""The networks: VAE, U-Net, text encoders, the evaluation classifier, and the layers they share."""

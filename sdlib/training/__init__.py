@@ -1,0 +1,1 @@
+"""Training: the resumable, data-parallel loop and the training objectives it runs."""

@@ -1,0 +1,29 @@
+"""The autoencoder's training objective, as `sdlib.training.loop.fit` runs it: `(step, generator) -> loss`.
+
+The posterior noise of a step is drawn for the whole global batch from the step's generator, and then this rank's
+slice is kept, so N data-parallel processes compute what one process would.
+"""
+from __future__ import annotations
+
+import torch
+
+from sdlib.models.vae import AutoencoderKL, vae_loss
+from sdlib.training.loop import Batches, Dist
+
+
+class VAELoss:
+    """The autoencoder's objective: L1 reconstruction of a posterior sample's decoding + kl_weight * KL."""
+
+    def __init__(self, vae: AutoencoderKL, images: torch.Tensor, *, batches: Batches, kl_weight: float,
+                 dist: Dist = Dist()):
+        self.vae, self.images, self.batches, self.kl_weight, self.dist = vae, images, batches, kl_weight, dist
+
+    def __call__(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        idx = self.batches(step)  # (B,) the global batch
+        x = self.images[self.dist.shard(idx)]
+        posterior = self.vae.encode(x)
+        shape = (len(idx), *posterior.mean.shape[1:])  # the draw is for the global batch, then sliced
+        noise = self.dist.shard(torch.randn(shape, generator=gen, device=x.device, dtype=posterior.mean.dtype))
+        recon = self.vae.decode(posterior.sample(noise=noise))
+        loss, rec, kl = vae_loss(x, recon, posterior, self.kl_weight)
+        return loss, {"rec": rec, "kl": kl}
