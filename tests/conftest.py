@@ -11,15 +11,25 @@ import yaml
 
 @pytest.fixture
 def params_file(tmp_path: Path) -> Callable[..., Path]:
-    """Factory: `params_file(seed=0, data={...}, ...)` writes a fresh params.yaml in tmp_path and returns its path.
+    """Factory: `params_file(data={...}, ...)` writes a params.yaml in tmp_path and returns its path.
 
-    Top-level keys default to `seed: 0` and `epochs: 1`; each keyword is a section (or a top-level key) as written.
+    It starts from the repository's params.yaml with `seed: 0` and `epochs: 1`; each keyword replaces a top-level
+    key or updates the keys of a section (a section given as None is left out).
     """
     counter = itertools.count()
+    repo = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
 
     def write(**params: object) -> Path:
+        merged = {**repo, "seed": 0, "epochs": 1}
+        for key, value in params.items():
+            if value is None:
+                merged.pop(key, None)
+            elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
         path = tmp_path / f"params-{next(counter)}.yaml"
-        path.write_text(yaml.safe_dump({"seed": 0, "epochs": 1, **params}, sort_keys=False))
+        path.write_text(yaml.safe_dump(merged, sort_keys=False))
         return path
 
     return write

@@ -1,18 +1,24 @@
 """Bad input, stage by stage: each gives a one-line `error:` and exit code 2 before any long work, and writes nothing."""
 import importlib
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from sdlib.config import load_all
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    """An empty working directory holding a valid params.yaml and a corrupt 'processed' dataset and checkpoints."""
-    from pathlib import Path
+DROP = object()  # set_param value that removes the key
 
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, tiny_models):
+    """A working directory holding a valid params.yaml, a corrupt 'processed' dataset and checkpoints, latents folders
+    without or with a corrupt meta.json, and a U-Net folder without its tokenizer."""
     repo = Path(__file__).resolve().parents[1]
     load_all(repo / "params.yaml")
     (tmp_path / "params.yaml").write_text((repo / "params.yaml").read_text())
@@ -20,6 +26,15 @@ def workspace(tmp_path, monkeypatch):
     for name in ("train.safetensors", "test.safetensors", "meta.json", "captions.parquet", "model.safetensors"):
         (tmp_path / "corrupt" / name).write_bytes(b"\x00garbage")
     (tmp_path / "latents").mkdir()
+    latents = {"mean": torch.zeros(2, 4, 8, 8), "std": torch.ones(2, 4, 8, 8), "labels": torch.zeros(2, dtype=torch.long)}
+    for name, meta in (("latents-nometa", None), ("latents-badmeta", "{not json")):
+        (tmp_path / name).mkdir()
+        save_file(latents, str(tmp_path / name / "train.safetensors"))
+        if meta is not None:
+            (tmp_path / name / "meta.json").write_text(meta)
+    (tmp_path / "unet-notok").mkdir()
+    shutil.copy(tiny_models / "unet" / "model.safetensors", tmp_path / "unet-notok" / "model.safetensors")
+    shutil.copy(tiny_models / "vae.safetensors", tmp_path / "vae.safetensors")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -27,7 +42,11 @@ def workspace(tmp_path, monkeypatch):
 def set_param(path, dotted, value):
     params = yaml.safe_load(path.read_text())
     section, _, key = dotted.rpartition(".")
-    (params[section] if section else params)[key] = value
+    target = params[section] if section else params
+    if value is DROP:
+        del target[key]
+    else:
+        target[key] = value
     path.write_text(yaml.safe_dump(params))
 
 
@@ -48,12 +67,23 @@ CASES = [
     ("train_unet", ("unet.skip", "multiply"), [], "bad value for 'unet.skip'", "models/unet"),
     ("train_unet", ("text.max_length", 100), [], "bad value for 'text.max_length'", "models/unet"),
     ("train_unet", None, ["--latents", "latents"], "run the encode_latents stage first", "models/unet"),
+    ("train_unet", ("unet", DROP), [], "missing section 'unet'", "models/unet"),
+    ("train_unet", ("unet.num_heads", 3), [], "bad value for 'unet.num_heads' (3): Value error, must divide",
+     "models/unet"),
+    ("train_unet", None, ["--latents", "latents-nometa"], "no meta.json (run the encode_latents stage first)",
+     "models/unet"),
+    ("train_unet", None, ["--latents", "latents-badmeta"], "corrupt latents", "models/unet"),
     ("train_classifier", ("classifier.batch_size", 0), [], "bad value for 'classifier.batch_size'",
      "models/classifier.safetensors"),
     ("sample", ("sample.sampler", "magic"), [], "bad value for 'sample.sampler'", "reports/samples"),
     ("sample", ("sample.guidance", -1), [], "bad value for 'sample.guidance'", "reports/samples"),
     ("sample", None, ["--unet", "corrupt"], "not a readable safetensors checkpoint", "reports/samples"),
     ("sample", None, [], "checkpoint not found", "reports/samples"),
+    ("sample", None, ["--params", "nowhere.yaml"], "nowhere.yaml: params file not found", "reports/samples"),
+    ("sample", None, ["--guidance", "inf"], "bad value for 'sample.guidance' (inf)", "reports/samples"),
+    ("sample", None, ["--unet", "unet-notok", "--vae", "vae.safetensors"], "no vocab.json, merges.txt",
+     "reports/samples"),
+    ("sample", None, ["--out", "params.yaml/x"], "params.yaml is a file, not a folder", "params.yaml/x"),
     ("evaluate", ("evaluate.inception_weights", "nowhere.pth"), [], "nowhere.pth not found", "reports/metrics.json"),
     ("evaluate", None, [], "not found", "reports/metrics.json"),
     ("evaluate", ("evaluate.seed_sets", 0), [], "bad value for 'evaluate.seed_sets'", "reports/metrics.json"),
@@ -74,3 +104,4 @@ def test_bad_input(workspace, stage, change, args, message, output):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not (workspace / output).exists()
+    assert not list(workspace.glob("**/.*.tmp")), "a temporary output was left behind"

@@ -25,13 +25,15 @@ def test_planned_runs_add_recommended_counts_and_extras_once():
 
 @pytest.mark.parametrize("values, message", [
     ({"extra": ["ddpm-250"]}, "'ddpm-250' is not sampler:steps"),
-    ({"extra": ["magic:20"]}, "'magic:20' is not sampler:steps"),
+    ({"extra": ["magic:20"]}, "bad value for 'compare.extra' \\('magic'\\): choose from ddpm, "),
     ({"steps": [0, 10]}, "step counts in 1..1000"),
-    ({"samplers": ["euler", "magic"]}, "compare.samplers.1"),
+    ({"samplers": ["euler", "magic"]}, "bad value for 'compare.samplers' \\('magic'\\)"),
+    ({"samplers": []}, "compare.samplers"),
 ])
 def test_bad_compare_params(values, message):
+    """Shape errors are found when the section is read, unknown sampler names when the runs are planned."""
     with pytest.raises(ConfigError, match=message):
-        parse_section("compare", values)
+        planned_runs(parse_section("compare", {"samplers": ["euler"], **values}))
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
 """VAE and U-Net: shapes, skip variants, identity-at-init, attention maps, a tiny overfit, checkpoint round trip."""
+import math
+
 import pytest
 import torch
 
@@ -40,10 +42,17 @@ def test_psnr_analytic():
     assert psnr(x, x + 0.2).item() == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.04)).item(), rel=1e-5)
 
 
-def test_timestep_embedding():
-    e = timestep_embedding(torch.tensor([0.0, 10.0]), 8)
-    assert e.shape == (2, 8)
-    assert torch.allclose(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+@pytest.mark.parametrize("dim", [8, 64])
+def test_timestep_embedding_is_the_sinusoidal_formula(dim):
+    """emb(t)_j = cos(t w_j), emb(t)_{half+j} = sin(t w_j), w_j = 10000^(-j/half) (Vaswani et al. 2017, sec. 3.5)."""
+    t = torch.tensor([0.0, 1.0, 10.5, 999.0])
+    half = dim // 2
+    w = [10000.0 ** (-j / half) for j in range(half)]
+    expected = torch.tensor([[math.cos(ti * wj) for wj in w] + [math.sin(ti * wj) for wj in w] for ti in t.tolist()])
+    got = timestep_embedding(t, dim)
+    assert got.shape == (4, dim)
+    # float32 arguments t*w of up to 999 carry a rounding of about 999 * 2**-24 = 6e-5
+    assert torch.allclose(got, expected.float(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("skip", ["concat", "add"])
@@ -55,6 +64,35 @@ def test_unet_shapes_and_zero_init(skip):
     out = net(x, t, ctx)
     assert out.shape == x.shape
     assert torch.count_nonzero(out) == 0  # zero-initialised output layer: training starts from predicting 0
+
+
+@pytest.mark.parametrize("skip", ["concat", "add"])
+def test_unet_output_depends_on_time_and_text(skip):
+    """With no zero-initialised layer left, the prediction changes with the timestep and with the context, and one
+    image's output does not depend on the rest of the batch.
+
+    The width is the default's (64): GroupNorm's 32 groups then hold 2 channels each. With one channel per group
+    (widths <= 32) norm2 removes the per-channel time embedding that ResBlock adds just before it, and the output
+    does not depend on t at all.
+    """
+    torch.manual_seed(0)
+    net = UNet(UNetArgs(in_channels=4, context_dim=16, model_channels=64, channel_mult=(1, 2), attention_levels=(1,),
+                        num_heads=2, skip=skip))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    t = torch.tensor([10.0, 10.0])
+    out = net(x, t, ctx)
+    assert (out - net(x, torch.tensor([500.0, 500.0]), ctx)).abs().amax() > 1e-2
+    assert (out - net(x, t, torch.randn(2, 5, 16))).abs().amax() > 1e-2
+    assert torch.allclose(net(x[:1], t[:1], ctx[:1]), out[:1], atol=1e-5)
+
+
+def test_unet_args_reject_heads_that_do_not_divide():
+    with pytest.raises(ValueError, match="num_heads=3 must divide"):
+        UNetArgs(model_channels=64, num_heads=3)
+    with pytest.raises(ValueError, match="attention_levels"):
+        UNetArgs(channel_mult=(1, 2), attention_levels=(2,))
 
 
 def test_unet_attention_maps_match_fused_path():
@@ -80,7 +118,7 @@ def test_weights_round_trip(tmp_path):
     vae = AutoencoderKL(args)
     save_weights(tmp_path / "vae.safetensors", vae.state_dict(), {"kind": "vae", "args": args.to_dict()})
     tensors, meta = load_weights(tmp_path / "vae.safetensors", kind="vae")
-    vae2 = AutoencoderKL(VAEArgs(**{**meta["args"], "channel_mult": tuple(meta["args"]["channel_mult"])}))
+    vae2 = AutoencoderKL(VAEArgs.from_dict(meta["args"]))
     vae2.load_state_dict(tensors)
     x = torch.randn(1, 1, 16, 16)
     assert torch.equal(vae.encode(x).mean, vae2.encode(x).mean)
