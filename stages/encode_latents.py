@@ -8,9 +8,9 @@ import typer
 
 from sdlib import tracking
 from sdlib.cli import check_outputs, pick_device, user_errors, wrote
-from sdlib.data.latents import encode_posteriors, write_latents
+from sdlib.data.latents import write_latents
 from sdlib.data.splits import load_split
-from sdlib.models.vae import load_vae
+from sdlib.models.vae import encode_posteriors, load_vae
 
 app = typer.Typer(add_completion=False)
 

@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 from sdlib.config import load_all
 
-
 DROP = object()  # set_param value that removes the key
 
 

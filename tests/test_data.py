@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 
 from sdlib.data.captions import DIGIT_TEMPLATES, prompt_label
 from sdlib.data.images import make_grid_png, save_png, to_uint8
+from sdlib.data.latents import load_latents, write_latents
 from sdlib.data.preprocess import preprocess
 from sdlib.data.sources import read_raw
 from sdlib.data.splits import load_split
@@ -278,3 +280,30 @@ def test_torchvision_cifar10_offline(tmp_path: Path, params_file, monkeypatch) -
     captions = dict(zip(torch.cat([train.labels, test.labels]).tolist(), train.captions + test.captions))
     assert captions[0] == ["airplane", "an airplane", "a photo of an airplane", "an image of an airplane"]
     assert "a photo of a cat" in captions[3]
+
+
+def test_latents_round_trip_and_scale_factor(tmp_path):
+    """write_latents/load_latents keep the posteriors; the scale factor makes posterior samples unit-variance."""
+    gen = torch.Generator().manual_seed(1)  # not SCALE_SEED's stream: the estimate's draws must be independent
+    mean, std = 3.0 * torch.randn(64, 4, 8, 8, generator=gen), 0.5 * torch.rand(64, 4, 8, 8, generator=gen)
+    labels = torch.arange(64) % 10
+    meta = write_latents(tmp_path / "latents", {"train": (mean, std, labels), "test": (mean[:8], std[:8], labels[:8])})
+    lat = load_latents(tmp_path / "latents", "train")
+    assert torch.equal(lat.mean, mean) and torch.equal(lat.std, std) and torch.equal(lat.labels, labels)
+    assert lat.scale_factor == meta["scale_factor"] and len(load_latents(tmp_path / "latents", "test")) == 8
+    # Var(mean + std z) = Var(mean) + E[std^2] = 9 + 0.25/3: the factor is about 1/3.01
+    assert meta["scale_factor"] == pytest.approx(1 / (9 + 0.25 / 3) ** 0.5, rel=0.03)
+    assert meta["latent_shape"] == [4, 8, 8] and (meta["n_train"], meta["n_test"]) == (64, 8)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "meta.json").unlink(), "no meta.json (run the encode_latents stage first)"),
+    (lambda d: (d / "meta.json").write_text("{"), "corrupt latents"),
+    (lambda d: (d / "meta.json").write_text('{"scale_factor": 1.0, "n_train": 5}'), "meta.json says 5"),
+    (lambda d: (d / "train.safetensors").write_bytes(b"\x00"), "corrupt latents"),
+])
+def test_latents_damage_is_one_line(tmp_path, damage, message):
+    write_latents(tmp_path, {"train": (torch.zeros(3, 4, 2, 2), torch.ones(3, 4, 2, 2), torch.zeros(3).long())})
+    damage(tmp_path)
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_latents(tmp_path, "train")

@@ -3,7 +3,6 @@
 Every rank draws the randomness of the whole global batch from the step generator and keeps its slice, and DDP
 averages the gradients, so two processes on the same global batch end at the weights of one, up to rounding.
 """
-import json
 import os
 import socket
 import subprocess
@@ -14,10 +13,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import multiprocessing as mp
 from torch import nn
 
+from sdlib.data.latents import write_latents
 from sdlib.data.preprocess import preprocess
 from sdlib.data.sources import fetch_source
 from sdlib.data.splits import write_processed
@@ -153,11 +153,8 @@ def tiny_data(tmp_path_factory) -> Path:
     train, test, meta = preprocess(raw, image_size=16, channels=1, test_fraction=0.2, seed=0)
     write_processed(root / "processed", train, test, meta)
     gen = torch.Generator().manual_seed(0)
-    (root / "latents").mkdir()
-    save_file({"mean": torch.randn(len(train), 4, 8, 8, generator=gen),
-               "std": 0.1 * torch.rand(len(train), 4, 8, 8, generator=gen), "labels": train.labels},
-              str(root / "latents" / "train.safetensors"))
-    (root / "latents" / "meta.json").write_text(json.dumps({"scale_factor": 0.8}))
+    mean, std = torch.randn(len(train), 4, 8, 8, generator=gen), 0.1 * torch.rand(len(train), 4, 8, 8, generator=gen)
+    write_latents(root / "latents", {"train": (mean, std, train.labels)})
     return root
 
 

@@ -130,3 +130,16 @@ def test_fast_path_compiles_in_place_in_the_mode_asked(monkeypatch):
     assert amp is None  # auto is fp32 on the CPU
     assert seen == [("Linear", {"mode": "reduce-overhead"}), ("Conv2d", {"mode": "reduce-overhead"})]
     assert fast_path([nn.Linear(2, 2)], torch.device("cpu"), "bf16", False) is torch.bfloat16 and len(seen) == 2
+
+
+def test_a_training_error_is_one_line_for_the_user(capsys):
+    """TrainingError is a user error: the stages print it as one `error:` line and exit 2, without a traceback."""
+    import typer
+
+    from sdlib.cli import user_errors
+
+    with pytest.raises(typer.Exit) as exit_info:
+        with user_errors():
+            raise TrainingError("non-finite loss (nan) at step 7; the last good checkpoint is kept at ckpt.pt")
+    assert exit_info.value.exit_code == 2
+    assert capsys.readouterr().err == "error: non-finite loss (nan) at step 7; the last good checkpoint is kept at ckpt.pt\n"

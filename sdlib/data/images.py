@@ -11,7 +11,8 @@ from sdlib.errors import DataError
 
 
 def from_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Map uint8 0..255 to float32 [-1, 1] (same shape and device), the scale every network here works in."""
+    """Map 0..255 values (uint8, or floats such as a luma mix) to float32 [-1, 1], the scale every network here works
+    in; same shape and device."""
     return images.float() / 127.5 - 1.0
 
 

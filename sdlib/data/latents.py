@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from sdlib.data.splits import SplitName
 from sdlib.errors import DataError
 from sdlib.io import atomic_dir, write_json
-from sdlib.models.vae import AutoencoderKL
 
 SCALE_SEED = 0  # the draw of posterior samples the scale factor is estimated from; fixed, not a param
 
@@ -33,18 +32,6 @@ class Latents:
 
     def __len__(self) -> int:
         return len(self.mean)
-
-
-@torch.no_grad()
-def encode_posteriors(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image: 2 x (N, z, H/f, W/f), on the CPU."""
-    device = next(vae.parameters()).device
-    means, stds = [], []
-    for x in images.split(batch_size):
-        posterior = vae.encode(x.to(device))
-        means.append(posterior.mean.cpu())
-        stds.append(posterior.std.cpu())
-    return torch.cat(means), torch.cat(stds)
 
 
 def estimate_scale_factor(mean: torch.Tensor, std: torch.Tensor) -> float:

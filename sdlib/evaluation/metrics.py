@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from sdlib.data.images import from_uint8
 from sdlib.errors import CheckpointError
 from sdlib.models.classifier import load_classifier
 
@@ -65,8 +66,8 @@ class ClassifierFeatures(FeatureExtractorBase):
                              f"got {x.dtype} {tuple(x.shape)}")
         x = x.float()
         if args.in_channels == 1:
-            x = (x * self.luma).sum(1, keepdim=True)  # (B, 1, H, W)
-        x = x / 127.5 - 1  # the classifier's [-1, 1] scale
+            x = (x * self.luma).sum(1, keepdim=True)  # (B, 1, H, W), still in 0..255
+        x = from_uint8(x)  # the classifier's [-1, 1] scale
         feats = self.model.features(x)  # (B, feature_dim)
         out = {PENULTIMATE: feats, "logits": self.model.head(feats)}
         return tuple(out[name] for name in self.features_list)

@@ -31,8 +31,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from sdlib.io import load_weights, save_weights
-
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VOCAB_SIZE = 49408  # 256 bytes + 256 bytes with </w> + 48,894 merges + BOS + EOS
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -181,19 +179,6 @@ class TextEncoder(nn.Module):
         # No attention mask, as SD v1: attention is causal, so the padding after the end token cannot change the
         # prompt's states, and the U-Net cross-attends to all L states, pads included.
         return self.model(input_ids=input_ids).last_hidden_state  # (B, L, dim), after the final LayerNorm
-
-
-def save_text_encoder(path: str | Path, encoder: TextEncoder) -> None:
-    """Save weights as safetensors with the TextEncoderArgs in the header (position ids are a non-persistent buffer)."""
-    save_weights(path, encoder.state_dict(), {"kind": "text_encoder", "config": encoder.cfg.to_dict()})
-
-
-def load_text_encoder(path: str | Path, device: torch.device | str = "cpu") -> TextEncoder:
-    """Rebuild a TextEncoder from a `save_text_encoder` file alone."""
-    tensors, meta = load_weights(path, kind="text_encoder")
-    encoder = TextEncoder(TextEncoderArgs(**meta["config"]))
-    encoder.load_state_dict(tensors, strict=True)
-    return encoder.to(device)
 
 
 # --- pretrained, frozen encoder --------------------------------------------------------------------------------------

@@ -144,6 +144,19 @@ def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256)
     return torch.cat(out)
 
 
+@torch.no_grad()
+def encode_posteriors(vae: AutoencoderKL, images: torch.Tensor,
+                      batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image: 2 x (N, z, H/f, W/f), on the CPU."""
+    device = next(vae.parameters()).device
+    means, stds = [], []
+    for x in images.split(batch_size):
+        posterior = vae.encode(x.to(device))
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
 def reconstruction_psnr(images: torch.Tensor, recon: torch.Tensor) -> float:
     """Mean PSNR (dB) of reconstructions against their originals, both in [-1, 1]."""
     return float(psnr(images, recon))
