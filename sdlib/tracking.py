@@ -44,9 +44,38 @@ def _git_commit() -> str:
         return "unknown"
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "asimd", "sve")  # the kernels' code paths on x86 and ARM
+
+
+def machine() -> dict[str, str | int]:
+    """What the numbers were computed on: CPU model, its vector ISA, the kernel path torch takes, threads, versions.
+
+    CPU kernels of different ISAs (AVX2, AVX-512) and thread counts round differently, so trained weights, and the
+    metrics after them, match bit for bit only on the same kind of machine.
+    """
+    import platform
+
+    import torch
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    except OSError:  # not Linux
+        pass
+    return {"cpu": model, "isa": " ".join(f for f in ISA_FLAGS if f in flags),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__.split("+")[0],
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else ""}
+
+
 def run_tags(stage: str) -> dict[str, str]:
-    """Git commit and DVC experiment identity, so a row in the UI maps back to `dvc exp show`."""
-    tags = {"stage": stage, "git_commit": _git_commit()}
+    """Git commit, DVC experiment identity and the machine, so a row in the UI maps back to `dvc exp show`."""
+    tags = {"stage": stage, "git_commit": _git_commit(), **{f"machine.{k}": str(v) for k, v in machine().items()}}
     for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_baseline_rev")):
         tags[tag] = os.environ.get(env, "workspace" if tag == "dvc_exp_name" else "")
     return tags

@@ -64,10 +64,11 @@ def main(
         if weights is not None:
             result["fid_inception"] = inception_fid(gen[seed_sets(prompts, cfg.seed_sets)[0]], real, weights, dev)
         result = {k: v if isinstance(v, int) else _round(v) for k, v in sorted(result.items())}
+        result["machine"] = tracking.machine()  # the gate shows it when a baseline was made on another machine
         write_json(out, result)
         write_csv(confusion, rows)
         with tracking.stage_run("evaluate", config.flatten({"evaluate": cfg})):
-            tracking.log_metrics(result)
+            tracking.log_metrics({k: v for k, v in result.items() if k != "machine"})
 
         for k in ("fid", "fid_floor", "fid_inception", "kid", "precision", "recall", "cond_acc"):
             if k in result:

@@ -13,7 +13,7 @@ import typer
 
 from sdlib.cli import user_errors
 from sdlib.errors import DataError
-from sdlib.evaluation.regress import read_baseline, regressions
+from sdlib.evaluation.regress import describe_machine, read_baseline, regressions
 
 app = typer.Typer(add_completion=False)
 
@@ -28,7 +28,11 @@ def main(
         if not current.is_file():
             raise DataError(f"{current}: not found (run `dvc repro` first)")
         committed = str(current) if not current.is_absolute() else "reports/metrics.json"  # its path inside the repo
-        rows = regressions(json.loads(current.read_text()), read_baseline(baseline, committed))
+        now, base = json.loads(current.read_text()), read_baseline(baseline, committed)
+        rows = regressions(now, base)
+    if now.get("machine") != base.get("machine"):  # other kernels round differently: say where each was made
+        for name, metrics in (("baseline", base), ("current", now)):
+            print(f"{name} machine: {describe_machine(metrics.get('machine'))}")
     print(f"{'metric':<10} {'baseline':>10} {'current':>10} {'worse by':>10} {'tolerance':>10}  verdict")
     for r in rows:
         verdict = "REGRESSED" if r["regressed"] else "ok"

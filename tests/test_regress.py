@@ -51,8 +51,34 @@ def test_cli_exit_codes(tmp_path):
     base, cur = tmp_path / "base.json", tmp_path / "cur.json"
     base.write_text(json.dumps(BASE))
     cur.write_text(json.dumps({**BASE, "fid": 12.0}))
-    cmd = [sys.executable, "-m", "sdlib.evaluation.regress", "--baseline", str(base), "--current", str(cur)]
+    cmd = [sys.executable, "-m", "stages.regress", "--baseline", str(base), "--current", str(cur)]
     failed = subprocess.run(cmd, capture_output=True, text=True)
     assert failed.returncode == 1 and "REGRESSED" in failed.stdout
     cur.write_text(json.dumps(BASE))
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+
+
+def test_cli_names_both_machines_when_they_differ(tmp_path):
+    zen4 = {"cpu": "AMD EPYC 9R14", "isa": "avx2 avx512f", "torch_cpu_capability": "AVX512", "threads": 2,
+            "torch": "2.14.1", "gpu": ""}
+    base, cur = tmp_path / "base.json", tmp_path / "cur.json"
+    base.write_text(json.dumps({**BASE, "machine": zen4}))
+    cmd = [sys.executable, "-m", "stages.regress", "--baseline", str(base), "--current", str(cur)]
+    cur.write_text(json.dumps({**BASE, "machine": zen4}))
+    same = subprocess.run(cmd, capture_output=True, text=True)
+    assert same.returncode == 0 and "machine" not in same.stdout
+    cur.write_text(json.dumps({**BASE, "machine": {**zen4, "isa": "avx2", "torch_cpu_capability": "AVX2"}}))
+    other = subprocess.run(cmd, capture_output=True, text=True)
+    assert other.returncode == 0
+    assert "baseline machine: AMD EPYC 9R14 [avx2 avx512f; torch kernels AVX512]" in other.stdout
+    assert "current machine: AMD EPYC 9R14 [avx2; torch kernels AVX2]" in other.stdout
+
+
+def test_cli_missing_baseline_is_one_line(tmp_path):
+    cur = tmp_path / "cur.json"
+    cur.write_text(json.dumps(BASE))
+    cmd = [sys.executable, "-m", "stages.regress", "--baseline", "no-such-rev", "--current", str(cur)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --baseline: no reports/metrics.json at git revision 'no-such-rev' (nor 'origin/no-such-rev'), and no such "
+        "file"]

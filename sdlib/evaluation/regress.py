@@ -68,3 +68,12 @@ def read_baseline(ref: str, path: str) -> dict:
         if out.returncode == 0:
             return json.loads(out.stdout)
     raise ConfigError(f"--baseline: no {path} at git revision '{ref}' (nor 'origin/{ref}'), and no such file")
+
+
+def describe_machine(machine: dict | None) -> str:
+    """One line for the `machine` entry of a metrics file (sdlib.tracking.machine), or 'not recorded'."""
+    if not machine:
+        return "not recorded"
+    return (f"{machine.get('cpu')} [{machine.get('isa') or 'no vector ISA seen'}; torch kernels "
+            f"{machine.get('torch_cpu_capability')}], {machine.get('threads')} threads, torch {machine.get('torch')}"
+            + (f", {machine['gpu']}" if machine.get("gpu") else ""))

@@ -90,6 +90,10 @@ def render(*, metrics: dict, stages: dict[str, dict], params: dict, confusion: p
     per_class = {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("cond_acc_per_class.")}
     if per_class:
         lines += ["Conditional accuracy per class: " + ", ".join(f"{c} {v:.2f}" for c, v in per_class.items()), ""]
+    if isinstance(metrics.get("machine"), dict):
+        m = metrics["machine"]
+        lines += [f"Computed on {m.get('cpu')} ({m.get('isa')}; torch {m.get('torch')}, {m.get('threads')} threads).",
+                  ""]
     lines += ["## Autoencoder", ""] + metrics_table(metrics, VAE_METRICS) + [""]
     lines += ["## Training", "", "| stage | " + " | ".join(["metric", "value"]) + " |", "| --- | --- | --- |"]
     lines += [f"| {stage} | {k} | {v if isinstance(v, int) else f'{v:.5g}'} |"
