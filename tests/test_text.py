@@ -133,7 +133,7 @@ def test_safetensors_round_trip(tmp_path, tok):
     path = tmp_path / "text.safetensors"
     save_text_encoder(path, enc)
     _, meta = load_weights(path, kind="text_encoder")
-    assert meta["config"] == TINY.model_dump()
+    assert meta["config"] == TINY.to_dict()
     again = load_text_encoder(path).eval()
     fresh = TextEncoder(TINY).eval()
     fresh.load_state_dict(enc.state_dict(), strict=True)
