@@ -115,4 +115,6 @@ class SelfAttention2d(nn.Module):
             return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
         t = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
         out = self.to_out(F.scaled_dot_product_attention(self.to_q(t), self.to_k(t), self.to_v(t)))  # (B, HW, C)
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        # diffusers adds in this order: the sum keeps the attention output's channels-last layout, so the next
+        # convolution runs the same kernel and the outputs agree bit for bit
+        return out.transpose(1, 2).reshape(b, c, h, w) + x
