@@ -169,6 +169,24 @@ def test_keymaps_name_real_sd_v1_keys():
         assert text_keymap([key], nested=False) == {key: "final_layer_norm.weight"}
 
 
+def test_compvis_map_agrees_with_diffusers_converter(checkpoints):
+    """diffusers' own CompVis converter (single_file_utils) turns our CompVis file back into diffusers' weights.
+
+    This checks the CompVis map independently of the diffusers map it was written through (the round trip through the
+    two maps alone cannot see two same-shaped CompVis names swapped).
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    (unet, vae, _), *_, ema_sd = checkpoints
+    for extract_ema in (True, False):
+        got = convert_ldm_unet_checkpoint(ema_sd, dict(unet.config), extract_ema=extract_ema)
+        ref = unet.state_dict()
+        assert got.keys() == ref.keys()
+        assert all(torch.equal(got[k], ref[k] + (0.0 if extract_ema else 1.0)) for k in ref)
+    got, ref = convert_ldm_vae_checkpoint(ema_sd, dict(vae.config)), vae.state_dict()
+    assert got.keys() == ref.keys()
+    assert all(torch.equal(got[k].reshape(ref[k].shape), ref[k]) for k in ref)
+
+
 # --- outputs equal diffusers' ----------------------------------------------------------------------------------------
 
 @torch.no_grad()
