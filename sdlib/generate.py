@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from sdlib.data.images import from_uint8
 from sdlib.diffusion.guidance import CFGDenoiser
@@ -33,6 +34,13 @@ class Prompts:
         self.model = model
         self.max_length = model.text_args.max_length
         self.tokenizer = load_tokenizer(tokenizer_dir, self.max_length)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, model: LatentDiffusion) -> "Prompts":
+        """With a tokenizer already loaded (a pretrained checkpoint's, see `sdlib.pretrained.load`)."""
+        self = cls.__new__(cls)
+        self.model, self.max_length, self.tokenizer = model, model.text_args.max_length, tokenizer
+        return self
 
     def ids(self, prompts: list[str]) -> torch.Tensor:
         return tokenize(self.tokenizer, prompts, self.max_length)

@@ -8,14 +8,16 @@ cross-attention to the text encoder's token states, then a GEGLU feed-forward) s
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlib.models.layers import Downsample, ResBlock, Upsample, group_norm, zero_module
+from sdlib.models.layers import Downsample, ResBlock, Upsample, group_norm, header_dict, zero_module
+
+SD_OPTION = {"omit_default": True}  # an option added for pretrained SD v1.x: headers leave it out at its default
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +31,10 @@ class UNetArgs:
     transformer_depth: int = 1  # transformer blocks per spatial transformer
     num_heads: int = 4
     skip: Literal["concat", "add"] = "concat"
+    # GroupNorm eps of the ResNet blocks and the output norm (SD v1: 1e-5); spatial transformers keep 1e-6, as SD
+    norm_eps: float = field(default=1e-6, metadata=SD_OPTION)
+    # the spatial transformer's proj_in/proj_out: linear maps on the tokens, or 1x1 convolutions (SD v1)
+    transformer_proj: Literal["linear", "conv"] = field(default="linear", metadata=SD_OPTION)
 
     def __post_init__(self):
         levels = len(self.channel_mult)
@@ -36,6 +42,8 @@ class UNetArgs:
             raise ValueError(f"attention_levels {self.attention_levels} must lie in 0..{levels - 1}")
         if self.skip not in ("concat", "add"):
             raise ValueError(f"skip must be concat or add, got {self.skip!r}")
+        if self.transformer_proj not in ("linear", "conv"):
+            raise ValueError(f"transformer_proj must be linear or conv, got {self.transformer_proj!r}")
         bad = sorted({w for w in self.attention_widths() if w % self.num_heads})
         if bad:
             raise ValueError(f"num_heads={self.num_heads} must divide the width of every attention level, "
@@ -52,12 +60,15 @@ class UNetArgs:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return header_dict(self)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, sec. 3.5): (B,) -> (B, dim)."""
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, sec. 3.5): (B,) -> (B, dim).
+
+    Cosines first, frequencies max_period^(-i/half): SD's CompVis code, and diffusers' with flip_sin_to_cos=True,
+    freq_shift=0 (SD v1's U-Net config), in the same float32 operations.
+    """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]  # (B, half)
@@ -122,20 +133,30 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Treats the (H, W) grid as H*W tokens, runs transformer blocks on them, and adds the result back."""
+    """Treats the (H, W) grid as H*W tokens, runs transformer blocks on them, and adds the result back.
 
-    def __init__(self, ch: int, context_dim: int, heads: int, depth: int):
+    `proj` "linear" maps the tokens in and out with linear layers; "conv" with 1x1 convolutions on the grid, as SD v1
+    (the same function; only the parameter shapes differ).
+    """
+
+    def __init__(self, ch: int, context_dim: int, heads: int, depth: int, proj: Literal["linear", "conv"] = "linear"):
         super().__init__()
         self.norm = group_norm(ch)
-        self.proj_in = nn.Linear(ch, ch)
+        self.conv_proj = proj == "conv"
+        self.proj_in = nn.Conv2d(ch, ch, 1) if self.conv_proj else nn.Linear(ch, ch)
         self.blocks = nn.ModuleList(TransformerBlock(ch, context_dim, heads) for _ in range(depth))
-        self.proj_out = zero_module(nn.Linear(ch, ch))
+        self.proj_out = zero_module(nn.Conv2d(ch, ch, 1) if self.conv_proj else nn.Linear(ch, ch))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
+        if self.conv_proj:
+            t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, C)
+        else:
+            t = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
         for block in self.blocks:
             t = block(t, context)
+        if self.conv_proj:
+            return x + self.proj_out(t.transpose(1, 2).reshape(b, c, h, w))
         return x + self.proj_out(t).transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -159,9 +180,12 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(a.in_channels, mc, 3, padding=1)
 
+        def transformer(ch: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, a.context_dim, a.num_heads, a.transformer_depth, a.transformer_proj)
+
         def level(cin: int, cout: int, lvl: int) -> Level:
-            attn = SpatialTransformer(cout, a.context_dim, a.num_heads, a.transformer_depth)
-            return Level(ResBlock(cin, cout, emb_dim), attn if lvl in a.attention_levels else None)
+            attn = transformer(cout)
+            return Level(ResBlock(cin, cout, emb_dim, a.norm_eps), attn if lvl in a.attention_levels else None)
 
         self.down = nn.ModuleList()
         skip_chs, ch = [mc], mc
@@ -175,9 +199,9 @@ class UNet(nn.Module):
                 skip_chs.append(ch)
 
         top = len(a.channel_mult) - 1
-        self.mid = nn.ModuleList([level(ch, ch, top), Level(ResBlock(ch, ch, emb_dim), None)])
+        self.mid = nn.ModuleList([level(ch, ch, top), Level(ResBlock(ch, ch, emb_dim, a.norm_eps), None)])
         if self.mid[0].attn is None:  # the middle block always attends, as in SD
-            self.mid[0].attn = SpatialTransformer(ch, a.context_dim, a.num_heads, a.transformer_depth)
+            self.mid[0].attn = transformer(ch)
 
         self.up = nn.ModuleList()
         self.skip_proj = nn.ModuleList()
@@ -194,7 +218,7 @@ class UNet(nn.Module):
                 if lvl > 0 and i == a.num_res_blocks:
                     self.up.append(Upsample(ch))
                     self.skip_proj.append(None)
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, a.in_channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch, a.norm_eps), nn.SiLU(), zero_module(nn.Conv2d(ch, a.in_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) noisy latents (scaled by c_in), t: (B,) timesteps, context: (B, L, D) token states."""

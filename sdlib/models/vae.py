@@ -7,8 +7,9 @@ perceptual (LPIPS) and a patch-GAN loss; on small images an L1 + KL objective is
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,9 @@ from torch import nn
 
 from sdlib.errors import CheckpointError
 from sdlib.io import load_weights, save_weights
-from sdlib.models.layers import Downsample, ResBlock, SelfAttention2d, Upsample, group_norm
+from sdlib.models.layers import Downsample, ResBlock, SelfAttention2d, Upsample, group_norm, header_dict
+
+SD_OPTION = {"omit_default": True}  # an option added for pretrained SD v1.x: headers leave it out at its default
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +29,19 @@ class VAEArgs:
     channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; one 2x downsampling between levels
     num_res_blocks: int = 1  # ResNet blocks per level (decoder uses one more, as SD)
     latent_channels: int = 4  # SD v1 uses 4
+    # SD v1's layout, each the same kind of function with other parameters:
+    # 1x1 convolutions on the posterior's moments (quant_conv) and on the latents before decoding (post_quant_conv)
+    quant_conv: Literal["none", "1x1"] = field(default="none", metadata=SD_OPTION)
+    # padding of the stride-2 downsampling convolutions: 1 on every side, or only right and bottom (SD v1)
+    downsample_pad: Literal["symmetric", "asymmetric"] = field(default="symmetric", metadata=SD_OPTION)
+    # the middle blocks' attention: one fused qkv convolution, or separate q, k, v and output linear maps (SD v1)
+    attention_qkv: Literal["fused", "separate"] = field(default="fused", metadata=SD_OPTION)
+
+    def __post_init__(self):
+        for name, choices in (("quant_conv", ("none", "1x1")), ("downsample_pad", ("symmetric", "asymmetric")),
+                              ("attention_qkv", ("fused", "separate"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEArgs":
@@ -37,7 +53,7 @@ class VAEArgs:
         return 2 ** (len(self.channel_mult) - 1)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "channel_mult": list(self.channel_mult)}
+        return header_dict(self)
 
 
 class DiagonalGaussian:
@@ -71,9 +87,9 @@ class Encoder(nn.Module):
                 blocks.append(ResBlock(ch, out))
                 ch = out
             if level < len(chs) - 1:
-                blocks.append(Downsample(ch))
+                blocks.append(Downsample(ch, a.downsample_pad))
         self.down = nn.Sequential(*blocks)
-        self.mid = nn.Sequential(ResBlock(ch, ch), SelfAttention2d(ch), ResBlock(ch, ch))
+        self.mid = nn.Sequential(ResBlock(ch, ch), SelfAttention2d(ch, a.attention_qkv), ResBlock(ch, ch))
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, 2 * a.latent_channels, 3, padding=1)
 
@@ -88,7 +104,7 @@ class Decoder(nn.Module):
         chs = [a.base_channels * m for m in a.channel_mult]
         ch = chs[-1]
         self.conv_in = nn.Conv2d(a.latent_channels, ch, 3, padding=1)
-        self.mid = nn.Sequential(ResBlock(ch, ch), SelfAttention2d(ch), ResBlock(ch, ch))
+        self.mid = nn.Sequential(ResBlock(ch, ch), SelfAttention2d(ch, a.attention_qkv), ResBlock(ch, ch))
         blocks: list[nn.Module] = []
         for level in reversed(range(len(chs))):
             for _ in range(a.num_res_blocks + 1):
@@ -111,12 +127,18 @@ class AutoencoderKL(nn.Module):
         self.args = args
         self.encoder = Encoder(args)
         self.decoder = Decoder(args)
+        if args.quant_conv == "1x1":
+            z = args.latent_channels
+            self.quant_conv, self.post_quant_conv = nn.Conv2d(2 * z, 2 * z, 1), nn.Conv2d(z, z, 1)
+        else:
+            self.quant_conv = self.post_quant_conv = None
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian(self.encoder(x))
+        moments = self.encoder(x)  # (B, 2z, H/f, W/f)
+        return DiagonalGaussian(moments if self.quant_conv is None else self.quant_conv(moments))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
         posterior = self.encode(x)
