@@ -157,7 +157,7 @@ def tiny_data(tmp_path_factory) -> Path:
     save_file({"mean": torch.randn(len(train), 4, 8, 8, generator=gen),
                "std": 0.1 * torch.rand(len(train), 4, 8, 8, generator=gen), "labels": train.labels},
               str(root / "latents" / "train.safetensors"))
-    (root / "latents" / "meta.json").write_text(json.dumps({"scale_factor": 0.8}))
+    (root / "latents" / "meta.json").write_text(json.dumps({"scale_factor": 0.8, "n_train": len(train)}))
     return root
 
 
