@@ -1,11 +1,13 @@
 # `make repro` runs the whole pipeline from a fresh clone; `make test` runs the tests (what CI calls).
+# `make test-avx2` runs them on the kernels of an AVX2-only CPU (ATen, oneDNN and MKL alike), as an AVX-512 machine
+# otherwise never does: test tolerances must hold for either ISA's summation order.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: all install repro compare plots test test-fast ui regress bench clean
+.PHONY: all install repro compare plots test test-fast test-avx2 ui regress bench clean
 
 all: install
 
@@ -30,6 +32,9 @@ test: install  ## unit tests + the end-to-end pipeline test on a tiny config
 
 test-fast: install  ## unit tests only
 	pytest -q -m "not slow"
+
+test-avx2: install  ## the tests on the AVX2 code paths of ATen, oneDNN and MKL
+	ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 pytest -q
 
 regress: install  ## fail if reports/metrics.json regressed against the one committed on main
 	python -m stages.regress --baseline main

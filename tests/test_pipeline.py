@@ -141,7 +141,9 @@ def test_sigkill_then_resume_is_bit_identical(project, tmp_path):
     cmd = [sys.executable, "-m", "stages.train_unet", "--params", "params.yaml", "--out", str(tmp_path / "ref"),
            "--metrics", str(tmp_path / "m.json"), "--curve", str(tmp_path / "c.csv")]
     env = {**os.environ, "SDLIB_TRACKING": "off"}
-    params = {**TINY, "epochs": 4}
+    # On the default thread count (nothing here pins it), with batches of 128: the context gradient, 128 x 8 x 32, then
+    # reaches the 32,768 elements (ATen's GRAIN_SIZE) from which CPU kernels split their work across threads
+    params = {**TINY, "epochs": 8, "unet": {**TINY["unet"], "batch_size": 128}}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run([*cmd, "--checkpoint", str(tmp_path / "ref.pt")], cwd=project, env=env, check=True,
                    capture_output=True)

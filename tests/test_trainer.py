@@ -1,4 +1,5 @@
-"""The training loop: deterministic resume (bit-identical), non-finite guard, stale and malicious checkpoints."""
+"""The training loop: deterministic resume (bit-identical), also of the U-Net objective on several threads; non-finite
+guard, stale and malicious checkpoints."""
 import os
 import pickle
 import re
@@ -7,9 +8,24 @@ import pytest
 import torch
 from torch import nn
 
+from sdlib.data.latents import Latents
 from sdlib.errors import TrainingError
 from sdlib.io import fingerprint
-from sdlib.training.loop import EMA, Checkpointer, batch_indices, epoch_permutation, fast_path, fit, warmup_cosine
+from sdlib.ldm import DiffusionArgs, LatentDiffusion
+from sdlib.models.text import VOCAB_SIZE, TextEncoderArgs
+from sdlib.models.unet import UNetArgs
+from sdlib.training.latent_diffusion import LatentDiffusionLoss
+from sdlib.training.loop import (
+    EMA,
+    Batches,
+    Checkpointer,
+    adamw,
+    batch_indices,
+    epoch_permutation,
+    fast_path,
+    fit,
+    warmup_cosine,
+)
 
 X = torch.linspace(-1, 1, 40)[:, None]
 Y = 3 * X + 0.5
@@ -48,6 +64,40 @@ def test_resume_is_bit_identical(tmp_path):
     assert hist.rows == ref_hist.rows  # the epoch cut at step 17 is logged in full
     assert [r["epoch"] for r in hist.rows] == [1, 2, 3, 4, 5, 6]
     assert ref_hist.rows[-1]["loss"] < ref_hist.rows[0]["loss"]
+
+
+def train_tiny_ldm(tmp_path, steps: int = 6) -> dict[str, torch.Tensor]:
+    """A tiny U-Net and text encoder trained by `fit` on LatentDiffusionLoss, as train_unet does, on made-up latents.
+
+    The context gradient, batch x tokens x width = 128 x 8 x 32, reaches the 32,768 elements (ATen's GRAIN_SIZE)
+    from which CPU kernels split their work across threads: smaller, every kernel runs on one thread.
+    """
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    n, captions = 256, 12
+    latents = Latents(torch.randn(n, 4, 4, 4, generator=gen), 0.1 * torch.rand(n, 4, 4, 4, generator=gen),
+                      torch.zeros(n, dtype=torch.long), scale_factor=0.8)
+    text = TextEncoderArgs(hidden_size=32, num_layers=1, num_heads=2, max_length=8)
+    model = LatentDiffusion(unet=UNetArgs(in_channels=4, context_dim=32, model_channels=8, channel_mult=(1, 2),
+                                          num_heads=2), text=text, diffusion=DiffusionArgs(), latent_hw=(4, 4))
+    caption_ids = torch.randint(0, VOCAB_SIZE, (captions, text.max_length), generator=gen)
+    table = torch.randint(1, captions, (n, 2), generator=gen)
+    loss_fn = LatentDiffusionLoss(model, latents, caption_ids, table, torch.full((n,), 2),
+                                  batches=Batches(n, 128, seed=0, device=torch.device("cpu")), cond_drop=0.1)
+    fit(model=model, loss_fn=loss_fn, optimizer=adamw(model.parameters(), 1e-3, torch.device("cpu")),
+        total_steps=steps, steps_per_epoch=2, seed=0, device=torch.device("cpu"),
+        checkpointer=Checkpointer(tmp_path / "ckpt.pt", "a"), checkpoint_every=steps)
+    return model.state_dict()
+
+
+def test_ldm_training_on_two_threads_is_bit_identical(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the default on a 2-core machine; a scatter-add with atomics differed between runs
+    try:
+        a, b = train_tiny_ldm(tmp_path / "a"), train_tiny_ldm(tmp_path / "b")
+    finally:
+        torch.set_num_threads(threads)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_other_params_do_not_resume(tmp_path, capsys):

@@ -58,6 +58,8 @@ class LatentDiffusionLoss:
             context = self.model.encode_text(self.caption_ids[cid])  # (B, L, D)
         else:
             uniq, inverse = cid.unique(return_inverse=True)
-            context = self.model.encode_text(self.caption_ids[uniq])[inverse]  # (B, L, D); each caption encoded once
+            # each caption encoded once; index_select, not [inverse]: the backward of indexing (index_put_ with
+            # accumulate) adds rows with atomics across threads in a run-dependent order, index_add_ in batch order
+            context = self.model.encode_text(self.caption_ids[uniq]).index_select(0, inverse)  # (B, L, D)
         z0, eps = z0.contiguous(memory_format=self.fmt), eps.contiguous(memory_format=self.fmt)
         return self.model.denoiser.loss(z0, context, t=t, eps=eps), {}
