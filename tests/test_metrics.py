@@ -197,7 +197,9 @@ def test_evaluate_writes_metrics_confusion_and_the_pipeline_row(project, classif
     assert metrics["fid_std"] == 0.0  # one seed set: no spread to measure
     assert metrics["vae_rfid"] > metrics["fid_floor"] and metrics["vae_psnr"] < 15  # an untrained VAE
     assert "fid_inception" not in metrics
-    assert all(isinstance(v, (int, float)) for v in metrics.values())  # flat
+    machine = metrics.pop("machine")  # what it was computed on; the rest is flat numbers
+    assert machine["threads"] >= 1 and machine["torch"] and "cpu" in machine
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
     assert metrics["fid"] > 0 and metrics["fid_floor"] > 0
 
     with open("reports/confusion.csv") as f:

@@ -57,7 +57,7 @@ def test_registries_list_every_sampler():
 
 
 def test_unknown_sampler_names_the_choices():
-    with pytest.raises(ValueError, match=r"unknown sampler 'plms' \(choose from ddpm, ddim, euler_maruyama, "):
+    with pytest.raises(ValueError, match=r"bad value for 'sampler' \('plms'\): choose from ddpm, ddim, euler_maruyama, "):
         sample("plms", gaussian_denoiser, torch.zeros(2, 3), sigmas_karras(3, 0.1, 1.0))
 
 
@@ -141,7 +141,7 @@ def test_ancestral_samplers_agree_in_ve_coordinates():
     ("lms", 1.9, 4.3), ("pndm", 1.9, 4.3), ("pndm_plms_warmup", 1.9, 4.3),
 ])
 def test_convergence_order(name, low, high):
-    sampler = partial(sample_pndm, warmup="plms") if name == "pndm_plms_warmup" else SAMPLERS[name]
+    sampler = partial(sample_pndm, warmup="plms") if name == "pndm_plms_warmup" else SAMPLERS[name].fn
     mu, s, sigma_min, sigma_max = 0.3, 0.5, 0.02, 10.0
     denoiser = lambda x, sigma: (s**2 * x + sigma[:, None] ** 2 * mu) / (s**2 + sigma[:, None] ** 2)
     x_T = mu + (s**2 + sigma_max**2) ** 0.5 * torch.linspace(-2, 2, 5, dtype=torch.float64)[None]  # (1, 5)
