@@ -24,3 +24,7 @@ class CheckpointError(UserError, ValueError):
 
 class TrainingError(UserError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class SamplingError(UserError, RuntimeError):
+    """Sampling gave non-finite values (broken weights, or a dtype too narrow for the model)."""

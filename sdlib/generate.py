@@ -17,7 +17,7 @@ from sdlib.diffusion.guidance import CFGDenoiser
 from sdlib.diffusion.img2img import img2img_sigmas, noised_start
 from sdlib.diffusion.samplers import SAMPLERS, ImageRNG, check_sampler, sample
 from sdlib.diffusion.schedules import get_sigmas
-from sdlib.errors import CheckpointError, DataError
+from sdlib.errors import CheckpointError, DataError, SamplingError
 from sdlib.ldm import LatentDiffusion
 from sdlib.models.text import TOKENIZER_FILES, load_tokenizer, tokenize
 from sdlib.models.vae import AutoencoderKL
@@ -46,8 +46,8 @@ class Prompts:
         return tokenize(self.tokenizer, prompts, self.max_length)
 
     @torch.no_grad()
-    def context(self, prompts: list[str], device: torch.device | str) -> torch.Tensor:
-        return self.model.encode_text(self.ids(prompts).to(device))
+    def context(self, prompts: list[str], device: torch.device | str, clip_skip: int = 1) -> torch.Tensor:
+        return self.model.encode_text(self.ids(prompts).to(device), clip_skip)
 
 
 def image_seed(seed: int, prompt_index: int, n_per_prompt: int, i: int) -> int:
@@ -66,6 +66,13 @@ def sampling_sigmas(model: LatentDiffusion, sampler: str, steps: int, schedule: 
     return get_sigmas(schedule, model.denoiser.train_sigmas, steps)
 
 
+def run_sigmas(model: LatentDiffusion, sampler: str, steps: int, schedule: str = "auto",
+               strength: float | None = None) -> torch.Tensor:
+    """The noise levels `generate` visits: the whole schedule, or for image-to-image (`strength`) its tail."""
+    sigmas = sampling_sigmas(model, sampler, steps, schedule)
+    return sigmas if strength is None else img2img_sigmas(sigmas, strength)
+
+
 @torch.no_grad()
 def generate(
     model: LatentDiffusion,
@@ -81,29 +88,40 @@ def generate(
     negative_prompt: str = "",
     init_image: torch.Tensor | None = None,
     strength: float = 1.0,
+    latent_hw: tuple[int, int] | None = None,
+    clip_skip: int = 1,
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
-    """Text-to-image (or, with `init_image` (C, H, W) in [-1, 1], SDEdit image-to-image): images (B, C, H, W)."""
+    """Text-to-image (or, with `init_image` (C, H, W) in [-1, 1], SDEdit image-to-image): images (B, C, H, W).
+
+    `latent_hw` is the latent size drawn (default: the model's; an init image gives its own); `clip_skip` picks the
+    text encoder's layer (1 = last). Raises SamplingError naming the prompt and seed of a non-finite image.
+    """
     device = next(model.parameters()).device
     scale = model.diffusion.scale_factor
-    context = prompts.context(texts, device)  # (B, L, D)
-    uncond = prompts.context([negative_prompt], device)  # (1, L, D), broadcast over the batch
+    context = prompts.context(texts, device, clip_skip)  # (B, L, D)
+    uncond = prompts.context([negative_prompt], device, clip_skip)  # (1, L, D), broadcast over the batch
     denoiser = CFGDenoiser(model.denoiser, context, uncond, guidance)
-    sigmas = sampling_sigmas(model, sampler, steps, schedule).to(device)
+    sigmas = run_sigmas(model, sampler, steps, schedule, None if init_image is None else strength).to(device)
     rng = ImageRNG(seeds, device)
-    latent_shape = (model.unet_args.in_channels, *model.latent_hw)
     if init_image is None:
+        latent_shape = (model.unet_args.in_channels, *(latent_hw or model.latent_hw))
         x = rng.randn(latent_shape) * sigmas[0]  # (B, z, h, w)
     else:
         z0 = vae.encode(init_image[None].to(device)).mean * scale  # (1, z, h, w)
-        sigmas = img2img_sigmas(sigmas, strength)
         x = noised_start(z0.expand(len(seeds), -1, -1, -1), sigmas[0], rng)
     z = sample(sampler, denoiser, x, sigmas, rng=rng, callback=callback)
-    return vae.decode(z / scale).clamp(-1.0, 1.0)
+    images = vae.decode(z.float() / scale)  # float32: SD's VAE overflows in float16
+    finite = images.isfinite().flatten(1).all(1)  # (B,)
+    if not finite.all():
+        i = int((~finite).nonzero()[0])
+        raise SamplingError(f"image {i} of the batch (prompt {texts[i]!r}, seed {seeds[i]}) decoded to non-finite "
+                            "values (NaN/inf): broken weights, or a dtype too narrow for the model")
+    return images.clamp(-1.0, 1.0)
 
 
-def load_init_image(path: Path, channels: int, size: int) -> torch.Tensor:
-    """An image-to-image start: a PNG/JPEG of the model's size -> (C, size, size) in [-1, 1]."""
+def load_init_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """An image-to-image start: a PNG/JPEG of the size drawn, (H, W) -> (C, H, W) in [-1, 1]."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -111,7 +129,8 @@ def load_init_image(path: Path, channels: int, size: int) -> torch.Tensor:
             im = im.convert("L" if channels == 1 else "RGB")
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{path}: cannot read init image ({type(e).__name__})") from None
-    if im.size != (size, size):
-        raise DataError(f"{path}: init image is {im.size[0]}x{im.size[1]}, the model draws {size}x{size}")
-    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size, size, channels)
+    h, w = size
+    if im.size != (w, h):
+        raise DataError(f"{path}: init image is {im.size[0]}x{im.size[1]} (width x height), the drawing {w}x{h}")
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(h, w, channels)
     return from_uint8(x.permute(2, 0, 1))  # (C, H, W)

@@ -45,9 +45,9 @@ class LatentDiffusion(nn.Module):
         ac = alphas_cumprod(betas(diffusion.beta_schedule, diffusion.num_timesteps)).float()
         self.denoiser = Denoiser(self.unet, ac, diffusion.prediction)
 
-    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, L) -> context (B, L, D) for cross-attention."""
-        return self.text(ids)
+    def encode_text(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """Token ids (B, L) -> context (B, L, D) for cross-attention (see `TextEncoder.forward` for clip_skip)."""
+        return self.text(ids, clip_skip)
 
     def meta(self) -> dict:
         return {"kind": "ldm", "unet": self.unet_args.to_dict(), "text": self.text_args.to_dict(),

@@ -3,9 +3,15 @@
 Pipeline:  python -m stages.sample --params params.yaml --out reports/samples
 By hand:   python -m stages.sample --prompt 8 --n 16 --sampler dpmpp_2m --steps 20 --guidance 3 --seed 0 --out out/
 Img2img:   python -m stages.sample --prompt 8 --init-image sketch.png --strength 0.6 --out out/
+SD v1.x:   python -m stages.sample --pretrained v1-5-pruned-emaonly.safetensors --prompt "an astronaut riding a horse"
+             --height 512 --width 512 --sampler dpmpp_2m --steps 25 --guidance 7.5 --seed 0 --out out/
+
+With --pretrained the defaults are SD's (`PRETRAINED_DEFAULTS`), not params.yaml's, and schedule.json records the
+noise levels and U-Net timesteps of the run beside manifest.csv.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -23,23 +29,86 @@ from sdlib.data.captions import prompt_label
 from sdlib.data.images import make_grid_png, save_png, to_uint8
 from sdlib.diffusion.samplers import SAMPLERS, check_sampler
 from sdlib.errors import ConfigError
-from sdlib.generate import Prompts, generate, image_seed, load_init_image
+from sdlib.generate import Prompts, generate, image_seed, load_init_image, run_sigmas
 from sdlib.io import atomic_dir, atomic_path, write_csv
-from sdlib.ldm import load_ldm
-from sdlib.models.vae import load_vae
+from sdlib.ldm import LatentDiffusion, load_ldm
+from sdlib.models.vae import AutoencoderKL, load_vae
+from sdlib.pretrained.load import load_pretrained
+from sdlib.pretrained.sd_v1 import ARCHITECTURES
 
 app = typer.Typer(add_completion=False)
 
+# With --pretrained: one image per prompt, drawn one at a time, at SD's usual guidance (params.yaml is the digits')
+PRETRAINED_DEFAULTS = {"n_per_prompt": 1, "steps": 25, "guidance": 7.5, "batch_size": 1}
+WEIGHTS = ("ema", "non_ema")
+PREDICTIONS = ("eps", "v")
 
-def settings(params: Path, overrides: dict) -> config.SampleConfig:
-    """The `sample` section of params.yaml with command-line overrides; the sampler is checked against the registry."""
-    values = config.read_params(params).get("sample")
-    if values is None:
-        raise ConfigError("params: missing section 'sample'")
+
+def settings(params: Path | None, overrides: dict) -> config.SampleConfig:
+    """The `sample` section of params.yaml (or, without params, PRETRAINED_DEFAULTS) with command-line overrides;
+    the sampler is checked against the registry."""
+    if params is None:
+        values = PRETRAINED_DEFAULTS
+    else:
+        values = config.read_params(params).get("sample")
+        if values is None:
+            raise ConfigError("params: missing section 'sample'")
     values = {**values, **{k: v for k, v in overrides.items() if v is not None}}
     cfg = config.parse_section("sample", values)
     check_sampler(cfg.sampler, "sample.sampler")
     return cfg
+
+
+def check_options(pretrained: Path | None, given: dict[str, object], sd_options: dict[str, object]) -> None:
+    """Refuse contradicting options: the trained model's with --pretrained, SD's without it."""
+    if pretrained is None:
+        stray = [k for k, v in sd_options.items() if v is not None]
+        if stray:
+            raise ConfigError(f"{stray[0]} applies to a --pretrained checkpoint only")
+        return
+    stray = [k for k, v in given.items() if v is not None]
+    if stray:
+        raise ConfigError(f"--pretrained contradicts {stray[0]} (that is the trained model's option)")
+    if pretrained.is_dir():
+        for k in ("--architecture", "--weights"):
+            if sd_options[k] is not None:
+                raise ConfigError(f"{k} applies to a single-file checkpoint; {pretrained} is a diffusers folder, "
+                                  "whose config files give the architecture and its one set of weights")
+    if sd_options["--architecture"] not in (None, *ARCHITECTURES):
+        raise ConfigError(f"--architecture must be one of {', '.join(ARCHITECTURES)}, got {sd_options['--architecture']!r}")
+    if sd_options["--weights"] not in (None, *WEIGHTS):
+        raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got {sd_options['--weights']!r}")
+    if sd_options["--prediction"] not in (None, *PREDICTIONS):
+        raise ConfigError(f"--prediction must be one of {', '.join(PREDICTIONS)}, got {sd_options['--prediction']!r}")
+
+
+def check_size(height: int | None, width: int | None) -> None:
+    for name, v in (("--height", height), ("--width", width)):
+        if v is not None and (v <= 0 or v % 8):
+            raise ConfigError(f"{name} must be a positive multiple of 8, got {v}")
+
+
+def schedule_record(model: LatentDiffusion, cfg: config.SampleConfig, strength: float | None) -> dict:
+    """The noise levels of the run and the U-Net's timestep at each nonzero one (what schedule.json holds)."""
+    sigmas = run_sigmas(model, cfg.sampler, cfg.steps, cfg.schedule, strength)
+    return {"sampler": cfg.sampler, "steps": cfg.steps, "strength": strength,
+            "schedule": SAMPLERS[cfg.sampler].schedule if cfg.schedule == "auto" else cfg.schedule,
+            "sigmas": sigmas.tolist(),  # float32 values, ending in 0
+            # at each nonzero sigma (second-order samplers also evaluate the U-Net in between)
+            "timesteps": model.denoiser.sigma_to_t(sigmas[sigmas > 0]).tolist()}
+
+
+def load_models(pretrained: Path | None, unet: Path, vae: Path, architecture: str | None, weights: str | None,
+                prediction: str | None, device: torch.device) -> tuple[LatentDiffusion, AutoencoderKL, Prompts, dict, str]:
+    """(model, VAE, prompts, checkpoint meta, a description for the summary line) of the trained or pretrained model."""
+    if pretrained is None:
+        model, meta = load_ldm(unet / "model.safetensors", device)
+        return model, load_vae(vae, device), Prompts(unet / "tokenizer", model), meta, ""
+    sd = load_pretrained(pretrained, config=ARCHITECTURES[architecture or "sd_v1"], ema=weights or "ema",
+                         prediction=prediction, device=device, dtype=torch.float32)
+    described = (f" from {pretrained} ({sd.layout}, U-Net weights {sd.unet_weights}, "
+                 f"{sd.model.diffusion.prediction}-prediction)")
+    return sd.model, sd.vae, Prompts.from_tokenizer(sd.tokenizer, sd.model), {}, described
 
 
 @app.command()
@@ -54,39 +123,75 @@ def main(
     seed: Annotated[Optional[int], typer.Option(help="base seed; image i of prompt k uses seed + k*n + i")] = None,
     init_image: Annotated[Optional[Path], typer.Option(help="PNG to start from (image-to-image, SDEdit)")] = None,
     strength: Annotated[float, typer.Option(help="img2img noise strength in (0, 1]; 1 ignores the image")] = 0.6,
-    params: Annotated[Path, typer.Option(help="params.yaml whose `sample` section gives the defaults")] = Path("params.yaml"),
-    unet: Annotated[Path, typer.Option(help="trained U-Net folder (train_unet's output)")] = Path("models/unet"),
-    vae: Annotated[Path, typer.Option(help="trained VAE weights")] = Path("models/vae.safetensors"),
+    height: Annotated[Optional[int], typer.Option(help="image height, a multiple of 8; default: the model's")] = None,
+    width: Annotated[Optional[int], typer.Option(help="image width, a multiple of 8; default: the model's")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="images drawn at once; default: sample.batch_size")] = None,
+    clip_skip: Annotated[int, typer.Option(help="text encoder layer, counted from the last (2: penultimate)")] = 1,
+    pretrained: Annotated[Optional[Path], typer.Option(
+        help="a Stable Diffusion v1.x checkpoint: a diffusers folder or a CompVis .safetensors/.ckpt file")] = None,
+    architecture: Annotated[Optional[str], typer.Option(
+        help=f"architecture of a single-file checkpoint: {', '.join(ARCHITECTURES)} (default sd_v1)")] = None,
+    weights: Annotated[Optional[str], typer.Option(
+        help="U-Net weights of a single file holding both: ema (default) or non_ema")] = None,
+    prediction: Annotated[Optional[str], typer.Option(
+        help="what the pretrained U-Net predicts, eps or v; default: as the checkpoint says (single file: eps)")] = None,
+    params: Annotated[Optional[Path], typer.Option(
+        help="params.yaml whose `sample` section gives the defaults (default: params.yaml)")] = None,
+    unet: Annotated[Optional[Path], typer.Option(help="trained U-Net folder (default: models/unet)")] = None,
+    vae: Annotated[Optional[Path], typer.Option(help="trained VAE weights (default: models/vae.safetensors)")] = None,
     out: Annotated[Path, typer.Option(help="folder for the PNGs, manifest.csv and grid.png")] = Path("reports/samples"),
     grid_copy: Annotated[Optional[Path], typer.Option("--grid", help="also write the grid here (a DVC plot)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
 ) -> None:
-    """Draw images for each prompt with the trained model; writes PNGs, manifest.csv and a grid."""
+    """Draw images for each prompt with the trained model, or a pretrained SD v1.x checkpoint; writes PNGs,
+    manifest.csv and a grid (and, with --pretrained, schedule.json)."""
     with user_errors():
-        cfg = settings(params, {"prompts": prompt, "n_per_prompt": n, "sampler": sampler, "steps": steps,
-                                "guidance": guidance, "schedule": schedule, "negative_prompt": negative_prompt,
-                                "seed": seed})
+        check_options(pretrained, {"--unet": unet, "--vae": vae, "--params": params},
+                      {"--architecture": architecture, "--weights": weights, "--prediction": prediction})
+        if pretrained is not None and not prompt:
+            raise ConfigError("--pretrained needs --prompt (the default prompts are the digits model's)")
+        cfg = settings(None if pretrained else params or Path("params.yaml"),
+                       {"prompts": prompt, "n_per_prompt": n, "sampler": sampler, "steps": steps,
+                        "guidance": guidance, "schedule": schedule, "negative_prompt": negative_prompt,
+                        "seed": seed, "batch_size": batch_size})
         if not 0.0 < strength <= 1.0:
             raise ConfigError(f"--strength must lie in (0, 1], got {strength}")
+        check_size(height, width)
+        if clip_skip < 1:
+            raise ConfigError(f"--clip-skip must be at least 1, got {clip_skip}")
         check_outputs(out, grid_copy)
+        # SD v1's VAE is RGB: with the size asked, a wrong init image fails before the checkpoint is read
+        early = pretrained is not None and init_image is not None and height is not None and width is not None
+        image = load_init_image(init_image, 3, (height, width)) if early else None
         dev = pick_device(device)
-        model, meta = load_ldm(unet / "model.safetensors", dev)
-        autoencoder = load_vae(vae, dev)
-        size = model.latent_hw[0] * autoencoder.args.factor
-        image = load_init_image(init_image, autoencoder.args.in_channels, size) if init_image else None
-        prompts = Prompts(unet / "tokenizer", model)
+        model, autoencoder, prompts, meta, described = load_models(
+            pretrained, unet or Path("models/unet"), vae or Path("models/vae.safetensors"), architecture, weights,
+            prediction, dev)
+        factor = autoencoder.args.factor
+        hw = (height or model.latent_hw[0] * factor, width or model.latent_hw[1] * factor)
+        if hw[0] % factor or hw[1] % factor:
+            raise ConfigError(f"--height/--width must be multiples of the VAE's factor {factor}, got {hw[0]}x{hw[1]}")
+        if clip_skip > model.text_args.num_layers:
+            raise ConfigError(f"--clip-skip must lie in 1..{model.text_args.num_layers} (the text encoder's layers), "
+                              f"got {clip_skip}")
+        if init_image is not None and image is None:
+            image = load_init_image(init_image, autoencoder.args.in_channels, hw)
         jobs = [(p, prompt_label(p, meta.get("classes", []), meta.get("digits", False)),
                  image_seed(cfg.seed, k, cfg.n_per_prompt, i), f"{k:02d}_{i:04d}.png")
                 for k, p in enumerate(cfg.prompts) for i in range(cfg.n_per_prompt)]
 
-        with tracking.stage_run("sample", config.flatten({"sample": cfg})), \
-                atomic_dir(out) as tmp:
+        run_params = config.flatten({"sample": cfg})
+        if pretrained is not None:
+            run_params |= {"pretrained": str(pretrained), "height": hw[0], "width": hw[1], "clip_skip": clip_skip,
+                           "prediction": model.diffusion.prediction}
+        with tracking.stage_run("sample", run_params), atomic_dir(out) as tmp:
             images = []
             for start in tqdm(range(0, len(jobs), cfg.batch_size), desc="sample", unit="batch", file=sys.stderr):
                 batch = jobs[start:start + cfg.batch_size]
                 x = generate(model, autoencoder, prompts, [j[0] for j in batch], [j[2] for j in batch],
                              sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
-                             negative_prompt=cfg.negative_prompt, init_image=image, strength=strength)
+                             negative_prompt=cfg.negative_prompt, init_image=image, strength=strength,
+                             latent_hw=(hw[0] // factor, hw[1] // factor), clip_skip=clip_skip)
                 for (_, _, _, name), img in zip(batch, to_uint8(x.cpu())):
                     save_png(tmp / name, img)
                     images.append(img)
@@ -96,13 +201,18 @@ def main(
             manifest = pd.DataFrame([{"prompt": p, "label": -1 if lbl is None else lbl, "seed": s,
                                       "path": os.path.relpath(out / name)} for p, lbl, s, name in jobs])
             write_csv(tmp / "manifest.csv", manifest)
+            if pretrained is not None:
+                record = schedule_record(model, cfg, None if image is None else strength)
+                (tmp / "schedule.json").write_text(json.dumps(record, indent=2) + "\n")
             tracking.log_artifact(tmp / "grid.png")
         if grid_copy is not None:
             with atomic_path(grid_copy) as tmp_grid:
                 shutil.copyfile(out / "grid.png", tmp_grid)
             wrote(grid_copy)
-        wrote(out / "manifest.csv", out / "grid.png")
-        print(f"sample: {len(jobs)} images ({cfg.sampler}, {cfg.steps} steps, guidance {cfg.guidance}) in {out}")
+        wrote(out / "manifest.csv", out / "grid.png", *([out / "schedule.json"] if pretrained else []))
+        size = f", {hw[1]}x{hw[0]}" if pretrained else ""
+        print(f"sample: {len(jobs)} images ({cfg.sampler}, {cfg.steps} steps, guidance {cfg.guidance}{size}){described} "
+              f"in {out}")
 
 
 if __name__ == "__main__":

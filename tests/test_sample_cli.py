@@ -1,10 +1,14 @@
 """The generate command (`python -m stages.sample`) on a tiny saved model: outputs, and one-line errors."""
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from stages.sample import app
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +21,7 @@ def models(tiny_models):
 
 
 def invoke(models, tmp_path, *args):
-    base = ["--unet", str(models / "unet"), "--vae", str(models / "vae.safetensors"), "--params", str(tmp_path / "none.yaml"),
+    base = ["--unet", str(models / "unet"), "--vae", str(models / "vae.safetensors"), "--params", str(REPO / "params.yaml"),
             "--out", str(tmp_path / "out"), "--device", "cpu"]
     return CliRunner().invoke(app, [*base, *args])
 
@@ -42,7 +46,7 @@ def test_generate_writes_pngs_manifest_and_grid(models, tmp_path, monkeypatch):
         (["--steps", "0"], "bad value for 'sample.steps'"),
         (["--prompt", " "], "bad value for 'sample.prompts'"),
         (["--init-image", "{m}/broken.png"], "cannot read init image"),
-        (["--init-image", "{m}/big.png"], "init image is 20x20, the model draws 8x8"),
+        (["--init-image", "{m}/big.png"], "init image is 20x20 (width x height), the drawing 8x8"),
         (["--init-image", "{m}/ok.png", "--strength", "0"], "--strength must lie in (0, 1]"),
         (["--unet", "{m}/missing"], "checkpoint not found"),
     ],

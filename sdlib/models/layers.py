@@ -79,14 +79,20 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution (avoids checkerboard artefacts)."""
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution (avoids checkerboard artefacts).
+
+    `size` (H, W) replaces the doubled size where a stride-2 downsampling rounded an odd size up: the U-Net then
+    returns to its skip's size, as diffusers' UNet2DConditionModel does (`upsample_size`), e.g. 9 -> 5 -> 9.
+    """
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 class SelfAttention2d(nn.Module):

@@ -173,12 +173,23 @@ class TextEncoder(nn.Module):
         self.dim = cfg.hidden_size
         self.model = CLIPTextModel(clip_text_config(cfg))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """Token ids (B, L) -> the final LayerNorm of the states after the `clip_skip`-th last layer (B, L, dim).
+
+        clip_skip 1 is the last layer (SD v1); 2 the penultimate ("CLIP skip 2" of other UIs, diffusers' clip_skip=1).
+        """
         if input_ids.shape[-1] > self.cfg.max_length:
             raise ValueError(f"TextEncoder: {input_ids.shape[-1]} tokens exceed text.max_length={self.cfg.max_length}")
+        if not 1 <= clip_skip <= self.cfg.num_layers:
+            raise ValueError(f"clip_skip must lie in 1..{self.cfg.num_layers} (the text encoder's layers), "
+                             f"got {clip_skip}")
         # No attention mask, as SD v1: attention is causal, so the padding after the end token cannot change the
         # prompt's states, and the U-Net cross-attends to all L states, pads included.
-        return self.model(input_ids=input_ids).last_hidden_state  # (B, L, dim), after the final LayerNorm
+        if clip_skip == 1:
+            return self.model(input_ids=input_ids).last_hidden_state  # (B, L, dim), after the final LayerNorm
+        states = self.model(input_ids=input_ids, output_hidden_states=True).hidden_states  # embeddings + each layer
+        final_norm = getattr(self.model, "text_model", self.model).final_layer_norm  # transformers < 5 nests it
+        return final_norm(states[-clip_skip])  # (B, L, dim)
 
 
 # --- pretrained, frozen encoder --------------------------------------------------------------------------------------

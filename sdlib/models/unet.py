@@ -232,7 +232,7 @@ class UNet(nn.Module):
             h = block(h, emb, context)
         for block, proj in zip(self.up, self.skip_proj):
             if isinstance(block, Upsample):
-                h = block(h)
+                h = block(h, skips[-1].shape[-2:])  # the next skip's size: latents need not be multiples of 2^levels
                 continue
             skip = skips.pop()
             h = torch.cat([h, skip], dim=1) if self.args.skip == "concat" else h + proj(skip)

@@ -49,3 +49,6 @@ SD_V1 = SDConfig(unet=sd_v1_unet(320, 768), vae=sd_v1_vae(128),
 TINY_SD_V1 = SDConfig(unet=sd_v1_unet(32, 32), vae=sd_v1_vae(32),
                       text=TextEncoderArgs(hidden_size=32, num_layers=2, num_heads=4, max_length=77),
                       diffusion=SD_V1_DIFFUSION, latent_hw=(8, 8))
+
+# The architectures a single file can be read as (a diffusers folder's config files give its own), by CLI name.
+ARCHITECTURES = {"sd_v1": SD_V1, "tiny_sd_v1": TINY_SD_V1}
