@@ -1,6 +1,6 @@
 """Sampling throughput of every sampler in `sdlib.diffusion.samplers` at its recommended step count, with guidance (CFG).
 
-Calls `sdlib.pipeline.generate` the way `stages/sample.py` does (text encoding, sampling, VAE decoding of one batch)
+Calls `sdlib.generate.generate` the way `stages/sample.py` does (text encoding, sampling, VAE decoding of one batch)
 on the model that params.yaml describes, randomly initialised so that no trained model is needed (or the trained
 one with `--unet models/unet`): speed does not depend on the weights. Samplers run in interleaved rounds, so the load
 of a shared machine hits all alike; one JSON line per sampler gives steps, U-Net evaluations, the median images/s

@@ -11,7 +11,7 @@ median over rounds of the speed ratio to diffusers in the same mode.
     python bench/unet_step.py --preset mnist-35m --mode eager --mode compile   # CUDA: bf16 autocast, channels_last
     python bench/unet_step.py --preset mnist-35m --mode compile --compile-mode reduce-overhead   # + CUDA graphs
 
-Both nets get the set-up of `stages/train_unet.py` (`sdlib.trainer.fast_path` and `adamw`): on CUDA channels_last,
+Both nets get the set-up of `stages/train_unet.py` (`sdlib.training.loop.fast_path` and `adamw`): on CUDA channels_last,
 bf16 autocast with TF32 for what stays in fp32, cuDNN autotuning and fused AdamW; fp32 and AdamW's default on the CPU.
 Both attend with PyTorch's SDPA.
 """

@@ -22,7 +22,7 @@ def _levels(v: tuple[int, ...]) -> tuple[int, ...]:
 
 
 Levels = Annotated[tuple[int, ...], AfterValidator(_levels)]  # per-level width multipliers
-Precision = Literal["auto", "fp32", "bf16"]  # training arithmetic; see sdlib.trainer.fast_path
+Precision = Literal["auto", "fp32", "bf16"]  # training arithmetic; see sdlib.training.loop.fast_path
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]  # torch.compile's modes
 
 
@@ -49,7 +49,7 @@ class DataConfig(_Section):
 
 
 class _TrainingLoop(_Section):
-    """Keys of `sdlib.trainer.fit` shared by the sections of the networks it trains."""
+    """Keys of `sdlib.training.loop.fit` shared by the sections of the networks it trains."""
 
     checkpoint_every: int = Field(200, ge=1)  # optimiser steps between resumable checkpoints
     precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 is exact IEEE (no TF32)
