@@ -61,9 +61,12 @@ def sampling_sigmas(model: LatentDiffusion, sampler: str, steps: int, schedule: 
     `auto` takes the sampler's own default (discrete for DDPM, DDIM and PNDM, which are defined on the training
     timesteps in their papers; Karras et al.'s otherwise).
     """
-    if schedule == "auto":
-        schedule = SAMPLERS[check_sampler(sampler)].schedule
-    return get_sigmas(schedule, model.denoiser.train_sigmas, steps)
+    return get_sigmas(resolve_schedule(sampler, schedule), model.denoiser.train_sigmas, steps)
+
+
+def resolve_schedule(sampler: str, schedule: str = "auto") -> str:
+    """`schedule`, with `auto` replaced by the sampler's registered default."""
+    return SAMPLERS[check_sampler(sampler)].schedule if schedule == "auto" else schedule
 
 
 def run_sigmas(model: LatentDiffusion, sampler: str, steps: int, schedule: str = "auto",

@@ -29,7 +29,7 @@ from sdlib.data.captions import prompt_label
 from sdlib.data.images import make_grid_png, save_png, to_uint8
 from sdlib.diffusion.samplers import SAMPLERS, check_sampler
 from sdlib.errors import ConfigError
-from sdlib.generate import Prompts, generate, image_seed, load_init_image, run_sigmas
+from sdlib.generate import Prompts, generate, image_seed, load_init_image, resolve_schedule, run_sigmas
 from sdlib.io import atomic_dir, atomic_path, write_csv
 from sdlib.ldm import LatentDiffusion, load_ldm
 from sdlib.models.vae import AutoencoderKL, load_vae
@@ -92,7 +92,7 @@ def schedule_record(model: LatentDiffusion, cfg: config.SampleConfig, strength: 
     """The noise levels of the run and the U-Net's timestep at each nonzero one (what schedule.json holds)."""
     sigmas = run_sigmas(model, cfg.sampler, cfg.steps, cfg.schedule, strength)
     return {"sampler": cfg.sampler, "steps": cfg.steps, "strength": strength,
-            "schedule": SAMPLERS[cfg.sampler].schedule if cfg.schedule == "auto" else cfg.schedule,
+            "schedule": resolve_schedule(cfg.sampler, cfg.schedule),
             "sigmas": sigmas.tolist(),  # float32 values, ending in 0
             # at each nonzero sigma (second-order samplers also evaluate the U-Net in between)
             "timesteps": model.denoiser.sigma_to_t(sigmas[sigmas > 0]).tolist()}

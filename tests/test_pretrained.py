@@ -109,18 +109,23 @@ def _sdlib_keys(args) -> list[str]:
         return list((UNet if isinstance(args, UNetArgs) else AutoencoderKL)(args).state_dict())
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """(diffusers models, diffusers folder, CompVis .safetensors, CompVis .ckpt with EMA, its state dict)."""
-    root = tmp_path_factory.mktemp("sd")
-    unet, vae, text = diffusers_models()
-    folder = root / "diffusers"
+def write_diffusers_folder(folder, unet, vae, text):
+    """The models in diffusers' folder layout, with SD v1's scheduler config and CLIP's tokenizer."""
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     text.save_pretrained(folder / "text_encoder")
     write_clip_tokenizer_files(folder / "tokenizer")
     DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                   set_alpha_to_one=False).save_pretrained(folder / "scheduler")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """(diffusers models, diffusers folder, CompVis .safetensors, CompVis .ckpt with EMA, its state dict)."""
+    root = tmp_path_factory.mktemp("sd")
+    unet, vae, text = diffusers_models()
+    folder = write_diffusers_folder(root / "diffusers", unet, vae, text)
     single = root / "sd.safetensors"
     save_file(compvis_state_dict(unet, vae, text), str(single))
     ema_sd = compvis_state_dict(unet, vae, text, ema_offset=1.0)

@@ -18,14 +18,13 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
-from test_pretrained import _schedulers, compvis_state_dict, diffusers_models  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
+from test_pretrained import _schedulers, compvis_state_dict, diffusers_models, write_diffusers_folder  # noqa: E402
 
 from sdlib.data.images import to_uint8  # noqa: E402
 from sdlib.diffusion.samplers import SAMPLERS, ImageRNG  # noqa: E402
 from sdlib.errors import SamplingError  # noqa: E402
 from sdlib.generate import Prompts, generate, load_init_image, run_sigmas, sampling_sigmas  # noqa: E402
-from sdlib.models.text import write_clip_tokenizer_files  # noqa: E402
 from sdlib.pretrained.load import load_pretrained  # noqa: E402
 from stages.sample import app  # noqa: E402
 
@@ -36,13 +35,7 @@ def sd(tmp_path_factory):
     the diffusers models; and sdlib's loaded copy."""
     root = tmp_path_factory.mktemp("sd")
     unet, vae, text = diffusers_models()
-    folder = root / "diffusers"
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    text.save_pretrained(folder / "text_encoder")
-    write_clip_tokenizer_files(folder / "tokenizer")
-    DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                  set_alpha_to_one=False).save_pretrained(folder / "scheduler")
+    folder = write_diffusers_folder(root / "diffusers", unet, vae, text)
     single = root / "sd.safetensors"
     tensors = compvis_state_dict(unet, vae, text)
     save_file(tensors, str(single))
