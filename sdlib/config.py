@@ -39,6 +39,7 @@ class DataConfig(_Section):
     image_size: int = Field(32, ge=8, le=1024)
     channels: Literal[1, 3] = 1
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    seed: int = Field(0, ge=0)  # the `limit` subset and the train/test split; the top-level `seed` is for training
 
     @field_validator("image_size")
     @classmethod

@@ -15,19 +15,19 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Annotated[Path, typer.Option(help="params.yaml to read the `data` section and `seed` from")] = Path(
+    params: Annotated[Path, typer.Option(help="params.yaml to read the `data` section from")] = Path(
         "params.yaml"),
     out: Annotated[Path, typer.Option(help="raw dataset folder to write (replaced as a whole)")] = Path("data/raw"),
 ) -> None:
     """Fetch `data.source` into OUT: images/NNNNN.png, meta.csv (file,label,caption) and classes.json."""
     with user_errors():
         raw_params = config.read_params(params)
-        cfg, seed = config.parse_section("data", raw_params.get("data")), config.top_level(raw_params, "seed")
+        cfg = config.parse_section("data", raw_params.get("data"))
         check_outputs(out)
         run_params = {"data.source": cfg.source, "data.root": cfg.root, "data.download": cfg.download,
-                      "data.limit": cfg.limit, "seed": seed}
+                      "data.limit": cfg.limit, "data.seed": cfg.seed}
         with tracking.stage_run("download", run_params):
-            raw = fetch_source(cfg.source, root=cfg.root, download=cfg.download, limit=cfg.limit, seed=seed)
+            raw = fetch_source(cfg.source, root=cfg.root, download=cfg.download, limit=cfg.limit, seed=cfg.seed)
             write_raw(raw, out)
             tracking.log_metrics({"n_images": len(raw.images)})
         wrote(out)

@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Annotated[Path, typer.Option(help="params.yaml to read the `data` section and `seed` from")] = Path(
+    params: Annotated[Path, typer.Option(help="params.yaml to read the `data` section from")] = Path(
         "params.yaml"),
     raw: Annotated[Path, typer.Option(help="raw dataset folder written by the download stage")] = Path("data/raw"),
     out: Annotated[Path, typer.Option(help="processed dataset folder to write (replaced as a whole)")] = Path(
@@ -26,14 +26,14 @@ def main(
     """Write {train,test}.safetensors, captions.parquet and meta.json to OUT from the raw images in RAW."""
     with user_errors():
         raw_params = config.read_params(params)
-        cfg, seed = config.parse_section("data", raw_params.get("data")), config.top_level(raw_params, "seed")
+        cfg = config.parse_section("data", raw_params.get("data"))
         check_outputs(out)
         data = read_raw(raw)
         run_params = {"data.image_size": cfg.image_size, "data.channels": cfg.channels,
-                      "data.test_fraction": cfg.test_fraction, "seed": seed}
+                      "data.test_fraction": cfg.test_fraction, "data.seed": cfg.seed}
         with tracking.stage_run("preprocess", run_params):
             train, test, meta = preprocess(data, image_size=cfg.image_size, channels=cfg.channels,
-                                           test_fraction=cfg.test_fraction, seed=seed)
+                                           test_fraction=cfg.test_fraction, seed=cfg.seed)
             write_processed(out, train, test, meta)
             tracking.log_metrics({"n_train": len(train), "n_test": len(test)})
         wrote(out)

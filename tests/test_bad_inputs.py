@@ -53,7 +53,8 @@ CASES = [
     # (stage, params change, extra args, expected message, output that must not appear)
     ("download", ("data.source", "imagenet"), [], "bad value for 'data.source'", "data/raw"),
     ("download", ("data.source", "folder"), [], "folder not found", "data/raw"),
-    ("download", ("seed", -1), [], "bad value for 'seed'", "data/raw"),
+    ("download", ("data.seed", -1), [], "bad value for 'data.seed'", "data/raw"),
+    ("train_vae", ("seed", -1), [], "bad value for 'seed'", "models/vae.safetensors"),
     ("preprocess", ("data.image_size", 30), [], "bad value for 'data.image_size'", "data/processed"),
     ("preprocess", None, ["--raw", "missing"], "missing", "data/processed"),
     ("train_vae", ("vae.lr", "fast"), [], "bad value for 'vae.lr'", "models/vae.safetensors"),
