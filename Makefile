@@ -1,6 +1,8 @@
 # `make repro` runs the whole pipeline from a fresh clone; `make test` runs the tests (what CI calls).
 # `make test-avx2` runs them on the kernels of an AVX2-only CPU (ATen, oneDNN and MKL alike), as an AVX-512 machine
-# otherwise never does: test tolerances must hold for either ISA's summation order.
+# otherwise never does: test tolerances must hold for either ISA's summation order. It keeps torch.compile's kernel cache
+# apart: inductor's cache key leaves out ATEN_CPU_CAPABILITY, and a kernel cached by an AVX-512 run gives NaN (or a
+# segfault) when reused under AVX2 ATen (torch 2.14).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(CURDIR)/$(VENV)/bin
@@ -34,7 +36,8 @@ test-fast: install  ## unit tests only
 	pytest -q -m "not slow"
 
 test-avx2: install  ## the tests on the AVX2 code paths of ATen, oneDNN and MKL
-	ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 pytest -q
+	ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+	TORCHINDUCTOR_CACHE_DIR=$${TMPDIR:-/tmp}/torchinductor-$$(id -u)-avx2 pytest -q
 
 regress: install  ## fail if reports/metrics.json regressed against the one committed on main
 	python -m stages.regress --baseline main
