@@ -272,23 +272,24 @@ def sample_dpmpp_2m(denoiser: Denoise, x: Tensor, sigmas: Tensor, *, rng: ImageR
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser: Denoise, x: Tensor, sigmas: Tensor, *, rng: ImageRNG | None = None,
                         callback: Callback | None = None) -> Tensor:
-    """SDE-DPM-Solver++(2M), midpoint form, eta = 1 (Lu et al. 2022; k-diffusion's sample_dpmpp_2m_sde)."""
+    """SDE-DPM-Solver++(2M) with eta = 1, midpoint form (Lu et al. 2022; k-diffusion's sample_dpmpp_2m_sde)."""
     sigmas, s_in = _check(x, sigmas), x.new_ones(x.shape[0])
     denoised_prev, h_prev = None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma * s_in)
         if sigma_next == 0:
-            x = denoised  # the first-order step to lambda = inf: the noise term vanishes with sigma_t
+            x = denoised  # the first-order step to lambda = inf, where the noise term vanishes with sigma_t
         else:
-            h = sigma.log() - sigma_next.log()  # h = lambda_t - lambda_s, lambda = -log sigma
+            h = sigma.log() - sigma_next.log()  # h = lambda_t - lambda_s with lambda = -log sigma
             if denoised_prev is None:
                 D = denoised  # first step: SDE-DPM-Solver++1
-            else:  # midpoint: D0 + 1/2 D1 with D1 = (D0 - D_prev) / r, r = h_prev / h (as in DPM-Solver++(2M))
-                D = denoised + (denoised - denoised_prev) / (2 * h_prev / h)
-            # The diffusion SDE solved exactly in lambda with the data prediction held at D (Lu et al. 2022, data-
-            # prediction SDE solver), at alpha_t = 1: x_t = sigma_t/sigma_s e^{-h} x_s + (1 - e^{-2h}) D
-            # + sigma_t sqrt(1 - e^{-2h}) z. As e^{-h} = sigma_t/sigma_s, the first order step is DDPM's posterior.
+            else:  # D0 + D1 / 2 with D1 = (D0 - D_prev) / r, the data term of DPM-Solver++(2M) ("midpoint")
+                r = h_prev / h
+                D = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * denoised_prev
+            # The reverse diffusion SDE in lambda, solved exactly with the data prediction held at D, at alpha = 1:
+            # x_t = sigma_t/sigma_s e^{-h} x_s + (1 - e^{-2h}) D + sigma_t sqrt(1 - e^{-2h}) z, and e^{-h} is
+            # sigma_t/sigma_s in VE coordinates: the first-order step is DDPM's posterior (see sample_ddpm).
             decay = (sigma_next / sigma) ** 2  # e^{-2h}
             x = decay * x + (1 - decay) * D + sigma_next * (1 - decay) ** 0.5 * _noise(rng, x)
             h_prev = h
