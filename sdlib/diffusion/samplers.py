@@ -3,6 +3,7 @@
 VE coordinates throughout (Karras et al. 2022): x = x0 + sigma eps, and `denoiser(x, sigma) -> x0` with sigma a (B,)
 tensor. The probability-flow ODE is dx/dsigma = (x - D(x, sigma)) / sigma (Karras eqs. 1 and 3, sigma(t) = t), and
 d = (x - D) / sigma is also the net's eps prediction, which is why DDIM is Euler and PLMS is Adams-Bashforth here.
+The exponential integrators (DPM-Solver++, UniPC) step in lambda = -log sigma, the half log-SNR at alpha = 1.
 
 Every sampler has the signature `sample_<name>(denoiser, x, sigmas, *, rng=None, callback=None, **options)`:
 `x` is the starting sample at sigmas[0] (e.g. rng.randn(shape) * sigmas[0]); stochastic samplers draw all their
@@ -354,10 +355,10 @@ def sample_unipc(denoiser: Denoise, x: Tensor, sigmas: Tensor, *, rng: ImageRNG 
         p = min(order, i + 1, n - i)  # lower orders to warm up and at the last steps (lower_order_final)
         x_start = x
         if levels[i + 1] == 0:
-            x = denoised  # the first-order step to lambda = inf
+            x = denoised  # the first-order step to lambda = inf, which nothing corrects (no evaluation follows it)
         else:
             x = _unipc_update(x, levels[i - p + 1:i + 1], ms[-p:], levels[i + 1])
-        _report(callback, i, sigmas[i + 1], x, denoised)
+        _report(callback, i, sigmas[i + 1], x, denoised)  # the predicted sample, which the next step corrects
     return x
 
 
