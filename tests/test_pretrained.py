@@ -364,8 +364,9 @@ def _schedulers():
     - dpmpp_2m: on the discrete `trailing` timesteps, first order at the last step (as k-diffusion), ending at sigma 0,
       from VP latents. With Karras sigmas diffusers rounds the U-Net's timesteps to integers while sdlib keeps them
       fractional, which differs by ~1e-2 at 5 steps.
+    - unipc: as dpmpp_2m (UniPC's defaults are SD's: order 2, bh2, data prediction, lower order at the end).
     """
-    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
     beta = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     return {
         "euler": (EulerDiscreteScheduler(**beta, use_karras_sigmas=True, timestep_spacing="linspace"), "ve", "karras"),
@@ -374,10 +375,12 @@ def _schedulers():
         "dpmpp_2m": (DPMSolverMultistepScheduler(**beta, algorithm_type="dpmsolver++", solver_order=2,
                                                  timestep_spacing="trailing", final_sigmas_type="zero",
                                                  lower_order_final=True), "vp", "discrete"),
+        "unipc": (UniPCMultistepScheduler(**beta, timestep_spacing="trailing", final_sigmas_type="zero"), "vp",
+                  "discrete"),
     }
 
 
-@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m", "unipc"])
 @torch.no_grad()
 def test_generate_matches_stable_diffusion_pipeline(checkpoints, loaded, sampler):
     from diffusers import StableDiffusionPipeline

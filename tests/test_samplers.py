@@ -17,9 +17,11 @@ from sdlib.diffusion.samplers import (
     sample,
     sample_ddim,
     sample_ddpm,
+    sample_dpmpp_2m_sde,
     sample_euler,
     sample_euler_ancestral,
     sample_pndm,
+    sample_unipc,
 )
 from sdlib.diffusion.schedules import alphas_cumprod, betas, get_sigmas, sigmas_karras, vp_sigmas
 
@@ -52,7 +54,8 @@ def marginal_sample(rng: ImageRNG, sigma: torch.Tensor, n: int = N) -> torch.Ten
 
 
 def test_registries_list_every_sampler():
-    names = ["ddpm", "ddim", "euler_maruyama", "euler", "euler_ancestral", "heun", "lms", "pndm", "dpmpp_2m"]
+    names = ["ddpm", "ddim", "euler_maruyama", "euler", "euler_ancestral", "heun", "lms", "pndm", "dpmpp_2m",
+             "dpmpp_2m_sde", "unipc"]
     assert list(SAMPLERS) == names
 
 
@@ -94,7 +97,7 @@ def test_sampler_contract(name):
 # the two schedules) + ~4 standard errors (0.6%). Ancestral samplers lose variance because the DDPM posterior uses
 # E[x0 | x_t] and drops Var[x0 | x_t] (Bao et al. 2022, Analytic-DPM); that bias vanishes as steps grow (see below).
 VAR_TOL = {"ddpm": 0.10, "ddim": 0.08, "euler_maruyama": 0.05, "euler": 0.08, "euler_ancestral": 0.16,
-           "heun": 0.06, "lms": 0.03, "pndm": 0.03, "dpmpp_2m": 0.06}
+           "heun": 0.06, "lms": 0.03, "pndm": 0.03, "dpmpp_2m": 0.06, "dpmpp_2m_sde": 0.04, "unipc": 0.06}
 
 
 @pytest.mark.parametrize("schedule", ["discrete", "karras"])
@@ -126,6 +129,9 @@ def test_ancestral_samplers_agree_in_ve_coordinates():
     torch.testing.assert_close(run(partial(sample_ddim, eta=1.0)), ddpm)
     torch.testing.assert_close(run(sample_euler_ancestral), ddpm)
     torch.testing.assert_close(run(sample_ddim), run(sample_euler))
+    two_steps = lambda f: f(gaussian_denoiser, x, sigmas[[0, 6, 12]], rng=ImageRNG([5, 6]))
+    # one step of SDE-DPM-Solver++1 (its first step, before any history) is DDPM's posterior; then the step to 0
+    torch.testing.assert_close(two_steps(sample_dpmpp_2m_sde), two_steps(sample_ddpm))
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
         run(partial(sample_ddim, eta=1.5))
 
@@ -135,13 +141,18 @@ def test_ancestral_samplers_agree_in_ve_coordinates():
 # count, so its O(sigma_min^2) error would put a floor under the curve and hide the order.
 # Expected: Euler/DDIM 1, Heun and DPM-Solver++(2M) 2; LMS 4 in principle but its lower-order warm-up steps and the
 # variable steps leave ~3.5 here; PNDM 2, because PLMS's fixed equal-step Adams-Bashforth weights meet
-# unequal steps in sigma (exact order 4 only on a uniform grid).
+# unequal steps in sigma (exact order 4 only on a uniform grid). UniPC: the corrector UniC raises the predictor's
+# order by one, so UniP-2 (= DPM-Solver++(2M)) with UniC is 3, and UniP-1 (= DDIM) with UniC is 2.
+VARIANTS = {"pndm_plms_warmup": partial(sample_pndm, warmup="plms"), "unipc_order_1": partial(sample_unipc, order=1)}
+
+
 @pytest.mark.parametrize("name, low, high", [
     ("euler", 0.9, 1.15), ("ddim", 0.9, 1.15), ("heun", 1.85, 2.3), ("dpmpp_2m", 1.85, 2.3),
     ("lms", 1.9, 4.3), ("pndm", 1.9, 4.3), ("pndm_plms_warmup", 1.9, 4.3),
+    ("unipc", 2.8, 3.4), ("unipc_order_1", 1.85, 2.3),
 ])
 def test_convergence_order(name, low, high):
-    sampler = partial(sample_pndm, warmup="plms") if name == "pndm_plms_warmup" else SAMPLERS[name].fn
+    sampler = VARIANTS[name] if name in VARIANTS else SAMPLERS[name].fn
     mu, s, sigma_min, sigma_max = 0.3, 0.5, 0.02, 10.0
     denoiser = lambda x, sigma: (s**2 * x + sigma[:, None] ** 2 * mu) / (s**2 + sigma[:, None] ** 2)
     x_T = mu + (s**2 + sigma_max**2) ** 0.5 * torch.linspace(-2, 2, 5, dtype=torch.float64)[None]  # (1, 5)
@@ -153,7 +164,70 @@ def test_convergence_order(name, low, high):
     assert low < order < high, (order, errors)
 
 
-@pytest.mark.parametrize("name", ["ddpm", "euler_ancestral", "euler_maruyama"])
+# --- equal to diffusers' schedulers, step by step --------------------------------------------------------------------
+
+def toy_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian data's ideal denoiser plus a nonlinear term, so that which sample D is evaluated at matters."""
+    s2 = sigma.reshape(-1, *[1] * (x.ndim - 1)) ** 2  # (B, 1, 1, 1)
+    return (0.25 * x + 0.3 * s2) / (0.25 + s2) + 0.2 * torch.tanh(x) / (1 + s2)
+
+
+def diffusers_scheduler(name: str, schedule: str, order: int):
+    """The diffusers scheduler that runs `name`: eps-prediction on SD's betas, sigmas ending at 0; `trailing` timesteps
+    are sdlib's `discrete`, `use_karras_sigmas` its `karras`."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    kw = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+          "timestep_spacing": "trailing", "use_karras_sigmas": schedule == "karras", "final_sigmas_type": "zero",
+          "solver_order": order}
+    if name == "dpmpp_2m_sde":
+        return DPMSolverMultistepScheduler(**kw, algorithm_type="sde-dpmsolver++", solver_type="midpoint")
+    return UniPCMultistepScheduler(**kw, predict_x0=True, solver_type="bh2", lower_order_final=True)
+
+
+def run_diffusers(scheduler, steps: int, x_T: torch.Tensor, noise: list[torch.Tensor] | None) -> torch.Tensor:
+    """`toy_denoiser` as an eps-prediction model in diffusers' VP coordinates x_VP = x / sqrt(1 + sigma^2)."""
+    scheduler.set_timesteps(steps)
+    scheduler.set_begin_index(0)
+    sigmas = scheduler.sigmas
+    x = x_T / (1 + sigmas[0] ** 2).sqrt()
+    for i, t in enumerate(scheduler.timesteps):
+        x_ve = x * (1 + sigmas[i] ** 2).sqrt()
+        eps = (x_ve - toy_denoiser(x_ve, sigmas[i].expand(len(x)))) / sigmas[i]
+        x = scheduler.step(eps, t, x, **({} if noise is None else {"variance_noise": noise[i]})).prev_sample
+    return x  # at sigma = 0, where VP and VE coordinates agree
+
+
+@pytest.mark.parametrize("steps", [4, 12])
+@pytest.mark.parametrize("schedule", ["discrete", "karras"])
+@pytest.mark.parametrize("name, order", [("dpmpp_2m_sde", 2), ("unipc", 2), ("unipc", 3)])
+def test_matches_diffusers_scheduler(name, order, schedule, steps):
+    """Our sampler on diffusers' own sigmas gives diffusers' final sample; the stochastic one with the same noise.
+
+    Planted bugs caught, each in every case of its sampler (off by 7e-4 to 2, against bounds of 4e-5 and 1e-4;
+    measured 2e-7 to 3e-6): the midpoint weight 1/2 of D1 as 1; r = h_prev / h inverted; the noise scale
+    sqrt(1 - e^{-2h}) as sqrt(1 - e^{-h}); UniPC's one-point weight 1/2 as 1/3; its i! as (i + 1)!; the corrector
+    left out; the corrector applied to the predicted sample instead of the one its predictor started from.
+    """
+    pytest.importorskip("diffusers")
+    scheduler = diffusers_scheduler(name, schedule, order)
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.double()  # float32 values; diffusers builds alpha_bar by a float32 cumprod
+    # the same schedules as ours up to that rounding: after t + 1 factors alpha_bar is off by <= (t + 1) 2^-24
+    # relative, which moves sigma by that over 2 (1 - alpha_bar): at most 3.5e-5 relative, at t = 0
+    torch.testing.assert_close(sigmas, get_sigmas(schedule, TRAIN_SIGMAS, steps), rtol=1e-4, atol=0)
+    x_T = ImageRNG([5, 6]).randn((3, 4, 4), dtype=torch.float64) * sigmas[0]  # (B, C, H, W)
+    rng, twin = ImageRNG([1, 2]), ImageRNG([1, 2])  # ours draws one noise per step but the last, as twin does here
+    noise = [twin.randn_like(x_T) for _ in range(steps - 1)] + [torch.zeros_like(x_T)]
+    ours = SAMPLERS[name].fn(toy_denoiser, x_T, sigmas, rng=rng, **({"order": order} if name == "unipc" else {}))
+    theirs = run_diffusers(scheduler, steps, x_T.float(), noise if name == "dpmpp_2m_sde" else None)
+    # diffusers works in float32 (unit roundoff u = 2^-24), ours in float64. Each step rounds a few quantities
+    # (the VP scaling, eps, the update) whose size is at most |x_T|, and the steps contract (sigma_t/sigma_s < 1), so
+    # the rounding errors add up to at most ~4 u |x_T| per step.
+    bound = 4 * steps * 2**-24 * x_T.abs().max().item()
+    assert (ours - theirs.double()).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("name", ["ddpm", "euler_ancestral", "euler_maruyama", "dpmpp_2m_sde"])
 def test_image_rng_makes_each_image_independent_of_its_batch(name):
     sigmas = get_sigmas("discrete", TRAIN_SIGMAS, 10)
     denoiser = lambda x, sigma: 0.8 * x / (1 + sigma[:, None, None, None] ** 2) + 0.1  # deterministic toy D

@@ -3,6 +3,7 @@
 VE coordinates throughout (Karras et al. 2022): x = x0 + sigma eps, and `denoiser(x, sigma) -> x0` with sigma a (B,)
 tensor. The probability-flow ODE is dx/dsigma = (x - D(x, sigma)) / sigma (Karras eqs. 1 and 3, sigma(t) = t), and
 d = (x - D) / sigma is also the net's eps prediction, which is why DDIM is Euler and PLMS is Adams-Bashforth here.
+The exponential integrators (DPM-Solver++, UniPC) step in lambda = -log sigma, the half log-SNR at alpha = 1.
 
 Every sampler has the signature `sample_<name>(denoiser, x, sigmas, *, rng=None, callback=None, **options)`:
 `x` is the starting sample at sigmas[0] (e.g. rng.randn(shape) * sigmas[0]); stochastic samplers draw all their
@@ -269,6 +270,98 @@ def sample_dpmpp_2m(denoiser: Denoise, x: Tensor, sigmas: Tensor, *, rng: ImageR
     return x
 
 
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser: Denoise, x: Tensor, sigmas: Tensor, *, rng: ImageRNG | None = None,
+                        callback: Callback | None = None) -> Tensor:
+    """SDE-DPM-Solver++(2M) with eta = 1, midpoint form (Lu et al. 2022; k-diffusion's sample_dpmpp_2m_sde)."""
+    sigmas, s_in = _check(x, sigmas), x.new_ones(x.shape[0])
+    denoised_prev, h_prev = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma * s_in)
+        if sigma_next == 0:
+            x = denoised  # the first-order step to lambda = inf, where the noise term vanishes with sigma_t
+        else:
+            h = sigma.log() - sigma_next.log()  # h = lambda_t - lambda_s with lambda = -log sigma
+            if denoised_prev is None:
+                D = denoised  # first step: SDE-DPM-Solver++1
+            else:  # D0 + D1 / 2 with D1 = (D0 - D_prev) / r, the data term of DPM-Solver++(2M) ("midpoint")
+                r = h_prev / h
+                D = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * denoised_prev
+            # The reverse diffusion SDE in lambda, solved exactly with the data prediction held at D, at alpha = 1:
+            # x_t = sigma_t/sigma_s e^{-h} x_s + (1 - e^{-2h}) D + sigma_t sqrt(1 - e^{-2h}) z, and e^{-h} is
+            # sigma_t/sigma_s in VE coordinates: the first-order step is DDPM's posterior (see sample_ddpm).
+            decay = (sigma_next / sigma) ** 2  # e^{-2h}
+            x = decay * x + (1 - decay) * D + sigma_next * (1 - decay) ** 0.5 * _noise(rng, x)
+            h_prev = h
+        denoised_prev = denoised
+        _report(callback, i, sigma_next, x, denoised)
+    return x
+
+
+def _unipc_rhos(h: float, rs: Sequence[float]) -> list[float]:
+    """UniPC's coefficients a_k for K = len(rs) points at r_k = (lambda_k - lambda_s) / h, data prediction (h -> -h).
+
+    They solve sum_k a_k r_k^(i-1) = i! (-h) phi_{i+1}(-h) / B(-h) for i = 1..K, with B(h) = e^h - 1 (bh2) and
+    phi_{i+1}(z) = (phi_i(z) - 1/i!) / z; one point takes a = 1/2, the limit h -> 0, as the reference code does.
+    """
+    if len(rs) < 2:
+        return [0.5] * len(rs)
+    hh = -h
+    g, b = math.expm1(hh) / hh - 1, []  # g = hh phi_2(hh)
+    for i in range(1, len(rs) + 1):
+        b.append(g * math.factorial(i) / math.expm1(hh))
+        g = g / hh - 1 / math.factorial(i + 1)  # hh phi_{i+2}(hh)
+    R = torch.tensor([[r ** (i - 1) for r in rs] for i in range(1, len(rs) + 1)], dtype=torch.float64)
+    return torch.linalg.solve(R, torch.tensor(b, dtype=torch.float64)).tolist()
+
+
+def _unipc_update(x: Tensor, sigmas: Sequence[float], ms: Sequence[Tensor], sigma_next: float,
+                  m_next: Tensor | None = None) -> Tensor:
+    """One UniP step from x at sigmas[-1] to sigma_next, or with `m_next` (D at sigma_next) the UniC step.
+
+    `ms` are the denoised estimates at `sigmas` (oldest first, the last at x's level). In VE coordinates (alpha = 1)
+    x_t = sigma_t/sigma_s x_s - (e^{-h} - 1) m_s - B(-h) sum_k a_k D_k with D_k = (m_k - m_s) / r_k, where the
+    corrector adds the new point r = 1, m_next.
+    """
+    sigma, m_s = sigmas[-1], ms[-1]
+    h = math.log(sigma / sigma_next)  # lambda_t - lambda_s
+    rs = [math.log(sigma / s_k) / h for s_k in reversed(sigmas[:-1])]  # r_k < 0: earlier points, newest first
+    ds = [(m_k - m_s) / r_k for m_k, r_k in zip(reversed(ms[:-1]), rs)]
+    if m_next is not None:
+        rs, ds = [*rs, 1.0], [*ds, m_next - m_s]
+    x_next = sigma_next / sigma * x - math.expm1(-h) * m_s
+    if ds:
+        x_next = x_next - math.expm1(-h) * sum(a * d for a, d in zip(_unipc_rhos(h, rs), ds))  # B(-h) = e^{-h} - 1
+    return x_next
+
+
+@torch.no_grad()
+def sample_unipc(denoiser: Denoise, x: Tensor, sigmas: Tensor, *, rng: ImageRNG | None = None,
+                 callback: Callback | None = None, order: int = 2) -> Tensor:
+    """UniPC (Zhao et al. 2023): UniP-p predictor and UniC corrector, B(h) = e^h - 1 (bh2), data prediction."""
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    sigmas, s_in = _check(x, sigmas), x.new_ones(x.shape[0])
+    levels = sigmas.detach().cpu().double().tolist()
+    n = len(sigmas) - 1
+    ms: list[Tensor] = []  # denoised at the last `order` predicted samples, oldest first
+    x_start, p = x, 0  # the sample the last predictor started from, and that predictor's order
+    for i in range(n):
+        denoised = denoiser(x, sigmas[i] * s_in)
+        if i > 0:  # UniC-p with the predictor's own order: the new evaluation corrects x at no extra cost
+            x = _unipc_update(x_start, levels[i - p:i], ms[-p:], levels[i], denoised)
+        ms = [*ms, denoised][-order:]
+        p = min(order, i + 1, n - i)  # lower orders to warm up and at the last steps (lower_order_final)
+        x_start = x
+        if levels[i + 1] == 0:
+            x = denoised  # the first-order step to lambda = inf, which nothing corrects (no evaluation follows it)
+        else:
+            x = _unipc_update(x, levels[i - p + 1:i + 1], ms[-p:], levels[i + 1])
+        _report(callback, i, sigmas[i + 1], x, denoised)  # the predicted sample, which the next step corrects
+    return x
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     """A registered sampler: the function, the noise levels it is run on by default, and a good step count."""
@@ -289,6 +382,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "lms": SamplerSpec(sample_lms, "karras", 30),
     "pndm": SamplerSpec(sample_pndm, "discrete", 30),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, "karras", 20),
+    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, "karras", 30),
+    "unipc": SamplerSpec(sample_unipc, "karras", 20),
 }
 
 
