@@ -19,6 +19,9 @@ from sdlib.models.vae import VAEArgs
 
 Layout = Literal["compvis", "diffusers"]
 LAYOUTS: tuple[Layout, ...] = ("compvis", "diffusers")
+# Where each part's weights live in a CompVis single file; the parts are the folders of a diffusers one.
+COMPVIS_PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                  "text_encoder": "cond_stage_model.transformer."}
 
 # Inside a block: sdlib's module name -> the layout's, per kind of block. "{i}" stands for a transformer block index.
 # "module" is a plain layer (conv, linear, norm) named by its block prefix alone.

@@ -26,7 +26,7 @@ from sdlib.ldm import DiffusionArgs, LatentDiffusion
 from sdlib.models.text import VOCAB_SIZE, TextEncoderArgs, load_tokenizer, write_clip_tokenizer_files
 from sdlib.models.unet import UNetArgs
 from sdlib.models.vae import AutoencoderKL, VAEArgs
-from sdlib.pretrained.keymap import Layout, expand, text_keymap, unet_blocks, vae_blocks
+from sdlib.pretrained.keymap import COMPVIS_PREFIX, Layout, expand, text_keymap, unet_blocks, vae_blocks
 from sdlib.pretrained.sd_v1 import SD_V1, SDConfig
 
 EMA = Literal["ema", "non_ema"]
@@ -42,6 +42,20 @@ COMPVIS_SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
 # A constant arange that old transformers versions saved (sometimes as corrupted floats); CLIPTextModel rebuilds it.
 POSITION_IDS = "embeddings.position_ids"
 DIFFUSERS_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+# diffusers config values for which sdlib's models have no alternative: `config_from_diffusers` refuses a file that
+# sets another, and `export` writes them.
+FIXED_UNET_CONFIG = {"flip_sin_to_cos": True, "freq_shift": 0, "norm_num_groups": 32, "act_fn": "silu",
+                     "mid_block_type": "UNetMidBlock2DCrossAttn", "class_embed_type": None,
+                     "addition_embed_type": None, "time_embedding_type": "positional", "conv_in_kernel": 3,
+                     "conv_out_kernel": 3, "only_cross_attention": False, "dual_cross_attention": False,
+                     "resnet_time_scale_shift": "default", "center_input_sample": False, "time_cond_proj_dim": None,
+                     "num_attention_heads": None, "encoder_hid_dim": None, "downsample_padding": 1,
+                     "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0}
+FIXED_VAE_CONFIG = {"norm_num_groups": 32, "act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
+                    "mid_block_add_attention": True, "shift_factor": None}
+FIXED_SCHEDULER_CONFIG = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                          "num_train_timesteps": 1000, "trained_betas": None}
 
 
 @dataclass
@@ -192,13 +206,7 @@ def config_from_diffusers(root: Path) -> tuple[SDConfig, str]:
     if [t.replace("Down", "Up") for t in reversed(down)] != up or not all(
             t in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down):
         raise CheckpointError(f"{p}: unsupported block types {down} / {up}")
-    _require(p, unet, {"flip_sin_to_cos": True, "freq_shift": 0, "norm_num_groups": 32, "act_fn": "silu",
-                       "mid_block_type": "UNetMidBlock2DCrossAttn", "class_embed_type": None,
-                       "addition_embed_type": None, "time_embedding_type": "positional", "conv_in_kernel": 3,
-                       "conv_out_kernel": 3, "only_cross_attention": False, "dual_cross_attention": False,
-                       "resnet_time_scale_shift": "default", "center_input_sample": False, "time_cond_proj_dim": None,
-                       "num_attention_heads": None, "encoder_hid_dim": None, "downsample_padding": 1,
-                       "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0})
+    _require(p, unet, FIXED_UNET_CONFIG)
     for key in ("attention_head_dim", "layers_per_block", "transformer_layers_per_block"):
         if isinstance(unet.get(key), list):
             raise CheckpointError(f"{p}: per-level {key} {unet[key]} is not supported (SD v1 has one value)")
@@ -216,9 +224,7 @@ def config_from_diffusers(root: Path) -> tuple[SDConfig, str]:
                          transformer_proj="linear" if unet.get("use_linear_projection") else "conv")
 
     p = root / "vae" / "config.json"
-    _require(p, vae, {"norm_num_groups": 32, "act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
-                      "mid_block_add_attention": True, "shift_factor": None,
-                      "down_block_types": ["DownEncoderBlock2D"] * len(vae.get("block_out_channels", [])),
+    _require(p, vae, {**FIXED_VAE_CONFIG, "down_block_types": ["DownEncoderBlock2D"] * len(vae.get("block_out_channels", [])),
                       "up_block_types": ["UpDecoderBlock2D"] * len(vae.get("block_out_channels", []))})
     base, vae_mult = _levels(p, list(vae["block_out_channels"]))
     if vae.get("in_channels", 3) != vae.get("out_channels", 3):
@@ -238,8 +244,7 @@ def config_from_diffusers(root: Path) -> tuple[SDConfig, str]:
         raise CheckpointError(f"{p}: not a CLIP text encoder config ({_first_line(e)})") from None
 
     p = root / "scheduler" / "scheduler_config.json"
-    _require(p, sched, {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                        "num_train_timesteps": 1000, "trained_betas": None})
+    _require(p, sched, FIXED_SCHEDULER_CONFIG)
     prediction = PREDICTIONS.get(sched.get("prediction_type", "epsilon"))
     if prediction is None:
         raise CheckpointError(f"{p}: unsupported prediction_type {sched.get('prediction_type')!r} "
@@ -307,7 +312,7 @@ def _refuse_compvis_other_versions(tf: TensorFile) -> None:
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise CheckpointError(f"{tf.path}: an SD 2.x checkpoint (1024-d OpenCLIP ViT-H text context); "
                               "sdlib loads SD v1.x only")
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
+    if not any(k.startswith(COMPVIS_PREFIX["unet"]) for k in keys):
         raise CheckpointError(f"{tf.path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* keys)")
 
 
@@ -344,20 +349,20 @@ def load_compvis(path: Path, *, config: SDConfig = SD_V1, ema: EMA = "ema", pred
         # LitEma names each parameter of `model` (diffusion_model.*) with its dots removed
         unet_map = {k: ("diffusion_model." + v).replace(".", "") for k, v in unet_map.items()}
         unet_prefix, used = "model_ema.", "ema"
-        ignore |= {k for k in keys if k.startswith("model.diffusion_model.")}
+        ignore |= {k for k in keys if k.startswith(COMPVIS_PREFIX["unet"])}
     else:
-        unet_prefix, used = "model.diffusion_model.", "non_ema" if has_ema else "as stored"
+        unet_prefix, used = COMPVIS_PREFIX["unet"], "non_ema" if has_ema else "as stored"
         ignore |= {k for k in keys if k.startswith("model_ema.")}
     unet_sd = convert(tf, unet_map, _model_shapes(model.unet), prefix=unet_prefix, what="U-Net", ignore=ignore,
                       dtype=dtype)
     vae_sd = convert(tf, expand(vae_blocks(config.vae, "compvis"), list(vae.state_dict()), "compvis"),
-                     _model_shapes(vae), prefix="first_stage_model.", what="VAE", dtype=dtype)
-    nested = any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
+                     _model_shapes(vae), prefix=COMPVIS_PREFIX["vae"], what="VAE", dtype=dtype)
+    nested = any(k.startswith(COMPVIS_PREFIX["text_encoder"] + "text_model.") for k in keys)
     text_map = text_keymap(list(model.text.state_dict()), nested)
-    text_sd = convert(tf, text_map, _model_shapes(model.text), prefix="cond_stage_model.transformer.",
+    text_sd = convert(tf, text_map, _model_shapes(model.text), prefix=COMPVIS_PREFIX["text_encoder"],
                       what="text encoder", dtype=dtype,
-                      ignore={f"cond_stage_model.transformer.{p}{POSITION_IDS}" for p in ("", "text_model.")})
-    known = ("model.diffusion_model.", "model_ema.", "first_stage_model.", "cond_stage_model.transformer.")
+                      ignore={f"{COMPVIS_PREFIX['text_encoder']}{p}{POSITION_IDS}" for p in ("", "text_model.")})
+    known = ("model_ema.", *COMPVIS_PREFIX.values())
     stray = sorted(k for k in keys if not k.startswith(known) and k not in ignore)
     if stray:
         raise CheckpointError(f"{tf.path}: {len(stray)} unexpected keys ({_names(stray)})")
