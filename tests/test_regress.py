@@ -13,8 +13,8 @@ BASE = {"fid": 1.2643, "fid_std": 0.040876, "kid": 0.001613, "kid_std": 0.000533
         "recall_std": 0.047624, "vae_psnr": 28.472, "vae_rfid": 0.60726}
 
 
-def regressed(current: dict, baseline: dict = BASE) -> list[str]:
-    return [r["metric"] for r in regressions(current, baseline) if r["regressed"]]
+def regressed(current: dict, baseline: dict = BASE, training: dict | None = None) -> list[str]:
+    return [r["metric"] for r in regressions(current, baseline, training=training) if r["regressed"]]
 
 
 def test_noise_level_changes_pass():
@@ -40,6 +40,16 @@ def test_improvements_pass_and_tolerance_follows_the_spread():
     assert regressed({**BASE, "fid": 1.36}, no_spread) == [] and regressed({**BASE, "fid": 1.37}, no_spread) == ["fid"]
 
 
+def test_tolerance_covers_the_spread_over_training_runs():
+    # two independent runs differ by sqrt(2) x the std of one run: the band is 3 x sqrt(2) x 0.1 = 0.424 above 1.2643
+    training = {"fid": {"std": 0.1, "n": 4}}
+    assert regressed({**BASE, "fid": 1.68}, training=training) == []
+    assert regressed({**BASE, "fid": 1.70}, training=training) == ["fid"]
+    assert regressed({**BASE, "fid": 1.70}) == ["fid"]  # without it, the sampling spread alone: 3 x 0.0409
+    tiny = {"fid": {"std": 0.001, "n": 4}}  # a spread below the seed-set one does not narrow the band
+    assert regressed({**BASE, "fid": 1.38}, training=tiny) == []
+
+
 def test_a_one_epoch_model_is_a_regression():
     """What `dvc exp run --temp -S epochs=1` measured on 2026-11-26: prompts ignored, digits unformed."""
     one_epoch = {"fid": 50.371, "fid_std": 0.80346, "kid": 1.2006, "cond_acc": 0.1, "precision": 0.34467,
@@ -56,6 +66,20 @@ def test_cli_exit_codes(tmp_path):
     assert failed.returncode == 1 and "REGRESSED" in failed.stdout
     cur.write_text(json.dumps(BASE))
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+
+
+def test_cli_reads_the_training_spread(tmp_path):
+    base, cur, spread = tmp_path / "base.json", tmp_path / "cur.json", tmp_path / "spread.json"
+    base.write_text(json.dumps(BASE))
+    cur.write_text(json.dumps({**BASE, "fid": 1.5}))
+    spread.write_text(json.dumps({"runs": {"seed0": {}, "seed1": {}, "seed2": {}},
+                                  "spread": {"fid": {"std": 0.1, "n": 3}}}))
+    cmd = [sys.executable, "-m", "stages.regress", "--baseline", str(base), "--current", str(cur)]
+    alone = subprocess.run(cmd, capture_output=True, text=True)
+    assert alone.returncode == 1 and "no reports/training_spread.json" in alone.stdout
+    both = subprocess.run([*cmd, "--spread", str(spread)], capture_output=True, text=True)
+    assert both.returncode == 0, both.stdout
+    assert "std over 3 training runs (seed0, seed1, seed2; reports/training_spread.json)" in both.stdout
 
 
 def test_cli_names_both_machines_when_they_differ(tmp_path):

@@ -1,14 +1,17 @@
 """Metric regression gate: compare reports/metrics.json with a baseline (by default the one committed on main).
 
 `dvc metrics diff` always exits 0, so CI needs this small check: each gated metric has a direction and a tolerance,
-and the gate exits 1 with a table when a metric got worse by more than its tolerance. Tolerances come from the
-baseline's own measured spread over sampling seeds (`fid_std`, ...), with a floor per metric.
+and the gate exits 1 with a table when a metric got worse by more than its tolerance. A run on another machine, or
+with another training seed, trains other weights; so the tolerance covers two measured spreads, with a floor per
+metric: the baseline's own spread over sampling seeds (`fid_std`, ... in metrics.json), and the spread of the default
+recipe over whole training runs (`reports/training_spread.json`, written by bench/seed_spread.py).
 
     python -m stages.regress [--baseline REV_OR_PATH] [--current reports/metrics.json]   # or: make regress
 """
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +19,15 @@ from pathlib import Path
 from sdlib.errors import ConfigError
 
 
+K_STD = 3.0  # standard deviations of a measured spread that a change must exceed to count as a regression
+
+
 @dataclass(frozen=True)
 class Rule:
     higher_is_better: bool
     abs_tol: float  # never flag a change smaller than this (the floor when the spread is tiny or unmeasured)
     rel_tol: float = 0.0  # ... nor one smaller than this fraction of the baseline
-    k_std: float = 3.0  # ... nor one within k standard deviations of the baseline's spread over seed sets
+    k_std: float = K_STD  # ... nor one within k standard deviations of either measured spread (see `tolerance`)
 
 
 # The spread `<metric>_std` that evaluate measures over disjoint seed sets of samples is the std of a single set's
@@ -39,35 +45,54 @@ RULES: dict[str, Rule] = {
 }
 
 
-def tolerance(rule: Rule, name: str, baseline: dict) -> float:
-    spread = float(baseline.get(f"{name}_std", 0.0))
-    return max(rule.abs_tol, rule.rel_tol * abs(float(baseline[name])), rule.k_std * spread)
+def tolerance(rule: Rule, name: str, baseline: dict, training: dict | None = None) -> float:
+    """The largest change of `name` that still counts as noise.
+
+    `<name>_std` in the baseline is the std of one seed set's value, and the gated value is the mean over the sets,
+    so k of it is a wide band for sampling noise alone (the old gate). `training[name]["std"]` is the std of the
+    gated value over whole training runs of the recipe (seeds, ISA paths), each scored on the same sampling seeds, so
+    it already holds the sampling noise of the mean; two independent runs differ by sqrt(2) times that.
+    """
+    sampling = float(baseline.get(f"{name}_std", 0.0))
+    runs = float((training or {}).get(name, {}).get("std", 0.0))
+    return max(rule.abs_tol, rule.rel_tol * abs(float(baseline[name])), rule.k_std * sampling,
+               rule.k_std * math.sqrt(2) * runs)
 
 
-def regressions(current: dict, baseline: dict, rules: dict[str, Rule] = RULES) -> list[dict]:
-    """One row per gated metric present in both files, with `regressed` set where it got worse beyond tolerance."""
+def regressions(current: dict, baseline: dict, rules: dict[str, Rule] = RULES, training: dict | None = None
+                ) -> list[dict]:
+    """One row per gated metric present in both files, with `regressed` set where it got worse beyond tolerance;
+    `training` is the `spread` of a training_spread.json (None: the sampling spread and the floors only)."""
     rows = []
     for name, rule in rules.items():
         if name not in current or name not in baseline:
             continue
         old, new = float(baseline[name]), float(current[name])
         worse_by = (old - new) if rule.higher_is_better else (new - old)
-        tol = tolerance(rule, name, baseline)
+        tol = tolerance(rule, name, baseline, training)
         rows.append({"metric": name, "baseline": old, "current": new, "worse_by": worse_by, "tolerance": tol,
                      "regressed": worse_by > tol})
     return rows
 
 
-def read_baseline(ref: str, path: str) -> dict:
-    """A metrics file on disk, or `path` as committed at git revision `ref` (or `origin/<ref>`, for clones in which
-    the branch exists only as a remote-tracking one)."""
+def read_committed(ref: str, path: str) -> dict | None:
+    """A JSON file on disk, or `path` as committed at git revision `ref` (or `origin/<ref>`, for clones in which
+    the branch exists only as a remote-tracking one); None when there is neither."""
     if Path(ref).is_file():
         return json.loads(Path(ref).read_text())
     for rev in (ref, f"origin/{ref}"):
         out = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
         if out.returncode == 0:
             return json.loads(out.stdout)
-    raise ConfigError(f"--baseline: no {path} at git revision '{ref}' (nor 'origin/{ref}'), and no such file")
+    return None
+
+
+def read_baseline(ref: str, path: str) -> dict:
+    """The baseline metrics (see `read_committed`); a one-line error when there are none."""
+    found = read_committed(ref, path)
+    if found is None:
+        raise ConfigError(f"--baseline: no {path} at git revision '{ref}' (nor 'origin/{ref}'), and no such file")
+    return found
 
 
 def describe_machine(machine: dict | None) -> str:
