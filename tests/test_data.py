@@ -194,6 +194,31 @@ def test_folder_end_to_end(tmp_path: Path, params_file) -> None:
     assert json.loads((tmp_path / "processed" / "meta.json").read_text())["templates"] == []
 
 
+def write_jsonl_folder(root: Path, lines: str = "") -> Path:
+    """write_folder's images with a metadata.jsonl instead of its captions.csv; `lines` is its text (a good one when
+    empty), naming an image in a nested folder."""
+    write_folder(root)
+    (root / "captions.csv").unlink()
+    (root / "sub" / "deeper").mkdir()
+    (root / "sub" / "grey.jpg").rename(root / "sub" / "deeper" / "grey.jpg")
+    (root / "metadata.jsonl").write_text(lines or '{"file_name": "red.png", "text": "a red box", "label": "box"}\n\n'
+                                                  '{"file_name": "sub/deeper/grey.jpg", "text": "a tall, grey bar"}\n'
+                                                  '{"file_name": "red.png", "text": "something red", "label": "box"}\n')
+    return root
+
+
+def test_folder_metadata_jsonl(tmp_path: Path, params_file) -> None:
+    """Hugging Face's imagefolder layout: file_name (nested paths too) and text, an image on several lines gets every
+    caption; an image not listed (clear.webp) is ignored."""
+    folder = write_jsonl_folder(tmp_path / "images")
+    result = download(params_file(data={"source": "folder", "root": str(folder)}), tmp_path / "raw")
+    assert result.exit_code == 0, result.output
+    raw = read_raw(tmp_path / "raw")
+    assert raw.captions == [["a red box", "something red"], ["a tall, grey bar"]]
+    assert raw.classes == ["box"] and raw.labels == [0, -1]
+    assert [(im.mode, im.size) for im in raw.images] == [("RGB", (40, 30)), ("L", (20, 50))]
+
+
 BAD_FOLDERS = {
     "missing folder": (lambda root: None, "folder not found"),
     "empty folder": (lambda root: root.mkdir(), "folder is empty"),
@@ -206,6 +231,19 @@ BAD_FOLDERS = {
                                       (root / "bad.png").write_bytes(b"no png")), "bad.png: not a readable image"),
     "empty caption": (lambda root: write_folder(root, "file,caption\nred.png, \n"), "line 2: empty caption for red"),
     "not an image type": (lambda root: write_folder(root, "file,caption\nnotes.txt,b\n"), "notes.txt is not a"),
+    "both captions files": (lambda root: (write_jsonl_folder(root), (root / "captions.csv").write_text("file\n")),
+                            "both captions.csv and metadata.jsonl, keep one"),
+    "jsonl missing file": (lambda root: write_jsonl_folder(root, '{"file_name": "sub/blue.png", "text": "b"}\n'),
+                           "sub/blue.png: image not found"),
+    "jsonl not json": (lambda root: write_jsonl_folder(root, '{"file_name": "red.png", "text": "a"}\n{oops\n'),
+                       "metadata.jsonl line 2: not JSON"),
+    "jsonl no text": (lambda root: write_jsonl_folder(root, '{"file_name": "red.png", "caption": "a"}\n'),
+                      "line 1: not an object with keys file_name, text"),
+    "jsonl text not a string": (lambda root: write_jsonl_folder(root, '{"file_name": "red.png", "text": ["a"]}\n'),
+                                "line 1: file_name, text and label must be strings"),
+    "jsonl empty": (lambda root: write_jsonl_folder(root, "\n"), "metadata.jsonl: no rows"),
+    "jsonl empty caption": (lambda root: write_jsonl_folder(root, '{"file_name": "red.png", "text": " "}\n'),
+                            "metadata.jsonl line 1: empty caption for red.png"),
 }
 
 

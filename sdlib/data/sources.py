@@ -5,9 +5,10 @@ Sources (params `data.source`):
 - `mnist`, `fashion_mnist`, `cifar10`: torchvision datasets under `data.root`, train and test files pooled (our
   own split is made by `preprocess`). They download only when `data.download` is true; otherwise they read
   torchvision's files already on disk (`<root>/MNIST/raw`, `<root>/FashionMNIST/raw`, `<root>/cifar-10-batches-py`).
-- `folder`: the images listed in `<root>/captions.csv`, columns `file,caption` and optionally `label` (a class name).
-  `file` is relative to the folder and may name subfolders; images not listed are ignored; a file listed on several
-  rows gets every caption on them.
+- `folder`: the images listed in `<root>/captions.csv`, columns `file,caption` and optionally `label` (a class name),
+  or in `<root>/metadata.jsonl` (Hugging Face's `imagefolder` layout), one JSON object a line with keys `file_name`,
+  `text` and optionally `label`. A file is relative to the folder and may name subfolders; images not listed are
+  ignored; a file listed on several rows gets every caption on them.
 `data.limit` > 0 keeps a seeded random subset of that many images, in source order.
 
 On disk, data/raw/: `images/00000.png, ...` at source size (mode L or RGB); `meta.csv` with columns `file,label,caption`,
@@ -113,14 +114,10 @@ def _load_image(path: Path) -> Image.Image:
         raise DataError(f"{path}: not a readable image ({e})") from None
 
 
-def _fetch_folder(root: Path, limit: int, seed: int) -> RawData:
-    if not root.is_dir():
-        raise DataError(f"data.root={root}: folder not found")
-    csv = root / "captions.csv"
-    if not csv.is_file():
-        if not any(root.iterdir()):
-            raise DataError(f"data.root={root}: folder is empty (expected images and a captions.csv)")
-        raise DataError(f"data.root={root}: no captions.csv (columns file,caption and optionally label)")
+Row = tuple[int, str, str, str]  # line number, file, caption, label (a class name or "")
+
+
+def _csv_rows(csv: Path) -> list[Row]:
     try:
         table = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.EmptyDataError:
@@ -130,20 +127,64 @@ def _fetch_folder(root: Path, limit: int, seed: int) -> RawData:
     missing = [c for c in ("file", "caption") if c not in table.columns]
     if missing:
         raise DataError(f"{csv}: missing column {', '.join(missing)} (needs file,caption and optionally label)")
-    if table.empty:
-        raise DataError(f"{csv}: no rows")
+    labels = table["label"] if "label" in table.columns else [""] * len(table)
+    return list(zip(range(2, len(table) + 2), table["file"], table["caption"], labels))
+
+
+def _jsonl_rows(jsonl: Path) -> list[Row]:
+    rows = []
+    try:
+        lines = jsonl.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{jsonl}: not UTF-8 text ({e.reason})") from None
+    for line, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{jsonl} line {line}: not JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not {"file_name", "text"} <= record.keys():
+            raise DataError(f"{jsonl} line {line}: not an object with keys file_name, text and optionally label")
+        row = (record["file_name"], record["text"], record.get("label", ""))
+        if not all(isinstance(v, str) for v in row):
+            raise DataError(f"{jsonl} line {line}: file_name, text and label must be strings")
+        rows.append((line, *row))
+    return rows
+
+
+def _folder_rows(root: Path) -> tuple[Path, list[Row]]:
+    """The captions file of an image folder, captions.csv or metadata.jsonl, and its rows."""
+    if not root.is_dir():
+        raise DataError(f"data.root={root}: folder not found")
+    csv, jsonl = root / "captions.csv", root / "metadata.jsonl"
+    if csv.is_file() and jsonl.is_file():
+        raise DataError(f"data.root={root}: both captions.csv and metadata.jsonl, keep one")
+    if csv.is_file():
+        return csv, _csv_rows(csv)
+    if jsonl.is_file():
+        return jsonl, _jsonl_rows(jsonl)
+    if not any(root.iterdir()):
+        raise DataError(f"data.root={root}: folder is empty (expected images and a captions.csv or metadata.jsonl)")
+    raise DataError(f"data.root={root}: no captions.csv (columns file,caption and optionally label) or "
+                    f"metadata.jsonl (keys file_name, text and optionally label)")
+
+
+def _fetch_folder(root: Path, limit: int, seed: int) -> RawData:
+    table, rows = _folder_rows(root)
+    if not rows:
+        raise DataError(f"{table}: no rows")
     captions: dict[str, list[str]] = {}
     names: dict[str, str] = {}
-    label_column = table["label"] if "label" in table.columns else [""] * len(table)
-    for line, (file, caption, label) in enumerate(zip(table["file"], table["caption"], label_column), start=2):
+    for line, file, caption, label in rows:
         if not file.strip():
-            raise DataError(f"{csv} line {line}: empty file name")
+            raise DataError(f"{table} line {line}: empty file name")
         if not caption.strip():
-            raise DataError(f"{csv} line {line}: empty caption for {file}")
+            raise DataError(f"{table} line {line}: empty caption for {file}")
         if Path(file).suffix.lower() not in IMAGE_SUFFIXES:
-            raise DataError(f"{csv} line {line}: {file} is not a {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} image")
+            raise DataError(f"{table} line {line}: {file} is not a {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} image")
         if names.setdefault(file, label.strip()) != label.strip():
-            raise DataError(f"{csv} line {line}: {file} has two labels, '{names[file]}' and '{label.strip()}'")
+            raise DataError(f"{table} line {line}: {file} has two labels, '{names[file]}' and '{label.strip()}'")
         captions.setdefault(file, []).append(caption.strip())
     classes = sorted({name for name in names.values() if name})
     files = list(captions)
