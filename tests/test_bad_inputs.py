@@ -54,6 +54,7 @@ CASES = [
     ("download", ("data.source", "imagenet"), [], "bad value for 'data.source'", "data/raw"),
     ("download", ("data.source", "folder"), [], "folder not found", "data/raw"),
     ("download", ("data.seed", -1), [], "bad value for 'data.seed'", "data/raw"),
+    ("download", ("data.image_size", 30), [], "bad value for 'data.image_size'", "data/raw"),
     ("train_vae", ("seed", -1), [], "bad value for 'seed'", "models/vae.safetensors"),
     ("preprocess", ("data.image_size", 30), [], "bad value for 'data.image_size'", "data/processed"),
     ("preprocess", None, ["--raw", "missing"], "missing", "data/processed"),

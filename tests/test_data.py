@@ -16,11 +16,12 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from sdlib.data import openmoji
 from sdlib.data.captions import DIGIT_TEMPLATES, prompt_label
 from sdlib.data.images import make_grid_png, save_png, to_uint8
 from sdlib.data.latents import load_latents, write_latents
 from sdlib.data.preprocess import preprocess
-from sdlib.data.sources import read_raw
+from sdlib.data.sources import fetch_source, read_raw
 from sdlib.data.splits import load_split
 from sdlib.errors import DataError
 from stages.download import app as download_app
@@ -194,6 +195,31 @@ def test_folder_end_to_end(tmp_path: Path, params_file) -> None:
     assert json.loads((tmp_path / "processed" / "meta.json").read_text())["templates"] == []
 
 
+def write_jsonl_folder(root: Path, lines: str = "") -> Path:
+    """write_folder's images with a metadata.jsonl instead of its captions.csv; `lines` is its text (a good one when
+    empty), naming an image in a nested folder."""
+    write_folder(root)
+    (root / "captions.csv").unlink()
+    (root / "sub" / "deeper").mkdir()
+    (root / "sub" / "grey.jpg").rename(root / "sub" / "deeper" / "grey.jpg")
+    (root / "metadata.jsonl").write_text(lines or '{"file_name": "red.png", "text": "a red box", "label": "box"}\n\n'
+                                                  '{"file_name": "sub/deeper/grey.jpg", "text": "a tall, grey bar"}\n'
+                                                  '{"file_name": "red.png", "text": "something red", "label": "box"}\n')
+    return root
+
+
+def test_folder_metadata_jsonl(tmp_path: Path, params_file) -> None:
+    """Hugging Face's imagefolder layout: file_name (nested paths too) and text, an image on several lines gets every
+    caption; an image not listed (clear.webp) is ignored."""
+    folder = write_jsonl_folder(tmp_path / "images")
+    result = download(params_file(data={"source": "folder", "root": str(folder)}), tmp_path / "raw")
+    assert result.exit_code == 0, result.output
+    raw = read_raw(tmp_path / "raw")
+    assert raw.captions == [["a red box", "something red"], ["a tall, grey bar"]]
+    assert raw.classes == ["box"] and raw.labels == [0, -1]
+    assert [(im.mode, im.size) for im in raw.images] == [("RGB", (40, 30)), ("L", (20, 50))]
+
+
 BAD_FOLDERS = {
     "missing folder": (lambda root: None, "folder not found"),
     "empty folder": (lambda root: root.mkdir(), "folder is empty"),
@@ -206,6 +232,19 @@ BAD_FOLDERS = {
                                       (root / "bad.png").write_bytes(b"no png")), "bad.png: not a readable image"),
     "empty caption": (lambda root: write_folder(root, "file,caption\nred.png, \n"), "line 2: empty caption for red"),
     "not an image type": (lambda root: write_folder(root, "file,caption\nnotes.txt,b\n"), "notes.txt is not a"),
+    "both captions files": (lambda root: (write_jsonl_folder(root), (root / "captions.csv").write_text("file\n")),
+                            "both captions.csv and metadata.jsonl, keep one"),
+    "jsonl missing file": (lambda root: write_jsonl_folder(root, '{"file_name": "sub/blue.png", "text": "b"}\n'),
+                           "sub/blue.png: image not found"),
+    "jsonl not json": (lambda root: write_jsonl_folder(root, '{"file_name": "red.png", "text": "a"}\n{oops\n'),
+                       "metadata.jsonl line 2: not JSON"),
+    "jsonl no text": (lambda root: write_jsonl_folder(root, '{"file_name": "red.png", "caption": "a"}\n'),
+                      "line 1: not an object with keys file_name, text"),
+    "jsonl text not a string": (lambda root: write_jsonl_folder(root, '{"file_name": "red.png", "text": ["a"]}\n'),
+                                "line 1: file_name, text and label must be strings"),
+    "jsonl empty": (lambda root: write_jsonl_folder(root, "\n"), "metadata.jsonl: no rows"),
+    "jsonl empty caption": (lambda root: write_jsonl_folder(root, '{"file_name": "red.png", "text": " "}\n'),
+                            "metadata.jsonl line 1: empty caption for red.png"),
 }
 
 
@@ -217,6 +256,88 @@ def test_bad_folder(case: str, tmp_path: Path, params_file) -> None:
     result = download(params, tmp_path / "data" / "raw")
     assert_user_error(result, fragment)
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())  # no raw dir, no temp left
+
+
+# ----------------------------------------------------------------------------------------------------- openmoji
+
+GROUPS = ["Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink", "Travel & Places", "Activities",
+          "Objects", "Symbols", "Flags"]
+
+
+@pytest.fixture(scope="module")
+def openmoji_raw(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("openmoji")
+    params = tmp / "params.yaml"
+    params.write_text(yaml.safe_dump({"seed": 0, "data": {"source": "openmoji", "limit": 40, "image_size": 16}}))
+    result = download(params, tmp / "raw")
+    assert result.exit_code == 0, result.output
+    assert "download: 40 images from openmoji, 9 classes" in result.output and "CC BY-SA 4.0" in result.output
+    return tmp / "raw"
+
+
+def test_openmoji_raw_format(openmoji_raw: Path) -> None:
+    info = json.loads((openmoji_raw / "classes.json").read_text())
+    assert info == {"source": "openmoji", "classes": GROUPS, "digits": False, "attribution": openmoji.ATTRIBUTION,
+                    "skipped": {"not in font": 0, "several glyphs": 0}}
+    assert "OpenMoji" in info["attribution"] and "CC BY-SA 4.0" in info["attribution"]
+    raw = read_raw(openmoji_raw)
+    assert len(raw.images) == 40 and len(set(raw.labels)) > 3  # a random subset, not the first group only
+    assert {(im.mode, im.size) for im in raw.images} == {("RGB", (16, 16))}
+    names = {e.name: e for e in openmoji.unicode_emoji()}
+    for captions, label in zip(raw.captions, raw.labels):  # the name, the name with its subgroup, the group
+        emoji = names[captions[0]]
+        assert captions == emoji.captions() and GROUPS[label] == emoji.group and captions[2] == emoji.group.lower()
+    pixels = np.stack([np.asarray(im, dtype=int) for im in raw.images])  # (40, 16, 16, 3)
+    chroma = (pixels.max(axis=-1) - pixels.min(axis=-1)).max(axis=(1, 2))  # (40,): 0 for a grey image
+    assert (chroma > 60).mean() > 0.8  # in colour
+    corners = pixels[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # (40, 4, 3)
+    assert (corners == 255).all(axis=-1).mean() > 0.9  # on white: few emoji reach the corners of their square
+
+
+def test_openmoji_captions_classes_and_count() -> None:
+    emojis = openmoji.unicode_emoji()
+    apple = next(e for e in emojis if e.text == "\U0001F34E")
+    assert apple.captions() == ["red apple", "red apple, food fruit", "food & drink"]
+    assert list(dict.fromkeys(e.group for e in emojis)) == GROUPS  # skin tone and hair swatches are not fully-qualified
+    drawn, skipped = openmoji.drawable(emojis, openmoji.load_font(64))
+    assert len(drawn) > 3500 and skipped == {"not in font": 0, "several glyphs": 0}  # limit 0 keeps all of them
+    assert prompt_label("food & drink", GROUPS, digits=False) == 3  # a group prompt names its class
+
+
+def test_openmoji_one_glyph_filter() -> None:
+    font = openmoji.load_font(64)
+    one = ["\U0001F34E", "\u263A\uFE0F", "\U0001F44B\U0001F3FD", "\U0001F468\u200D\U0001F4BB",
+           "\U0001F1EF\U0001F1F5", "#\uFE0F\u20E3"]  # apple, smiling face, skin tone, ZWJ, flag, keycap
+    assert [openmoji.skip_reason(t, font) for t in one] == [None] * len(one)
+    several = ["\U0001F34E\u200D\U0001F34E", "\U0001F34E\U0001F3FD", "\U0001F1EF\U0001F1EF"]  # no such ligatures
+    assert [openmoji.skip_reason(t, font) for t in several] == ["several glyphs"] * len(several)
+    assert openmoji.skip_reason("A", font) == "not in font"
+    emojis = [openmoji.Emoji(t, "x", "g", "s") for t in ["\U0001F34E", *several, "A"]]
+    assert openmoji.drawable(emojis, font) == (emojis[:1], {"not in font": 1, "several glyphs": 3})
+
+
+def test_openmoji_deterministic_and_seeded() -> None:
+    a, b = (fetch_source("openmoji", root="", download=False, limit=5, seed=0, image_size=16) for _ in range(2))
+    c = fetch_source("openmoji", root="", download=False, limit=5, seed=1, image_size=16)
+    assert [im.tobytes() for im in a.images] == [im.tobytes() for im in b.images] and a.captions == b.captions
+    assert a.captions != c.captions
+    apple = openmoji.draw("\U0001F34E", openmoji.load_font(openmoji.SUPERSAMPLE * 32), 32)
+    red, green, blue = np.asarray(apple, dtype=int).transpose(2, 0, 1)  # (3, 32, 32)
+    assert ((red - green > 100) & (red - blue > 100)).mean() > 0.2  # a red apple
+
+
+def test_openmoji_preprocess(openmoji_raw: Path) -> None:
+    train, test, meta = preprocess(read_raw(openmoji_raw), image_size=16, channels=3, test_fraction=0.25, seed=0)
+    assert train.images.shape == (30, 3, 16, 16) and len(test) == 10
+    assert meta["templates"] == [] and meta["classes"] == GROUPS and not meta["digits"]
+    assert train.images.min() >= -1 and train.images.max() == 1 and len(train.captions[0]) == 3  # white: 1
+
+
+def test_openmoji_needs_raqm(tmp_path: Path, params_file, monkeypatch) -> None:
+    monkeypatch.setattr(openmoji.features, "check", lambda feature: False)
+    result = download(params_file(data={"source": "openmoji", "limit": 2}), tmp_path / "raw")
+    assert_user_error(result, "Pillow has no raqm text layout here")
+    assert not (tmp_path / "raw").exists()
 
 
 # -------------------------------------------------------------------------------------------------- torchvision

