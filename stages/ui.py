@@ -5,9 +5,9 @@
 MLflow 3's UI shows an experiment either as a GenAI app (traces, sessions, judges) or as model training (the runs
 table, metric charts). Its earlier UIs chose by the experiment tag `mlflow.experimentKind`, which every experiment here
 carries as `custom_model_development` (sdlib.tracking.experiment). MLflow 3.17's UI has that code path behind a flag
-now on: a sidebar switch (GenAI apps & agents | Machine learning) chooses for all experiments, the browser remembers it
+now on: a sidebar switch (GenAI | Model training) chooses for all experiments, the browser remembers it
 (localStorage `mlflow.workflowType`, GenAI at first), and a link's `?workflowType=machine_learning` overrides it; so
-the links printed here carry that parameter.
+the links printed here carry that parameter (as read in mlflow/server/js/build/static/js/main.*.js of mlflow 3.17.2).
 """
 from __future__ import annotations
 
