@@ -79,7 +79,7 @@ def committed_params() -> dict[str, object]:
 
 
 def flat_params(raw: dict) -> dict[str, object]:
-    """params.yaml's sections flattened as logged: {'unet': {'lr': ..}, 'epochs': ..} -> {'unet.lr': .., 'epochs': ..}."""
+    """params.yaml sections flattened as logged: {"unet": {"lr": ..}, "epochs": ..} -> {"unet.lr": .., "epochs": ..}."""
     flat: dict[str, object] = {}
     for section, values in raw.items():
         if isinstance(values, dict):

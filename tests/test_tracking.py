@@ -22,7 +22,7 @@ def git(cwd: Path, *args: str) -> str:
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    """Tracking on, into tmp_path/mlflow.db, from a git checkout of tmp_path whose committed params.yaml is COMMITTED."""
+    """Tracking on, into tmp_path/mlflow.db, from a git checkout in tmp_path whose params.yaml commits COMMITTED."""
     monkeypatch.setenv("SDLIB_TRACKING", "on")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
