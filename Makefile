@@ -47,8 +47,8 @@ bench: install  ## U-Net training step vs diffusers, and images/s per sampler, o
 	python bench/unet_step.py --preset cpu-small --device cpu
 	python bench/sampling.py --device cpu
 
-ui: install  ## the MLflow UI on http://127.0.0.1:5000
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+ui: install  ## the MLflow UI on http://127.0.0.1:5000, with links to the runs tables
+	python -m stages.ui --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -4,6 +4,12 @@ One absolute SQLite store under the repository root (`$DVC_ROOT/mlflow.db`), so 
 and queued runs all land in the same place. Each stage logs its own run in the experiment `sd-stages`; `report`
 logs the one row per pipeline run, in `sd-pipeline`, with every param of the run, the final metrics and the images.
 Set `MLFLOW_TRACKING_URI` to use another server; `SDLIB_TRACKING=off` disables tracking.
+
+Runs are named for what they are, `<stage> · <pipeline run> · <params changed>`, e.g. `train_unet · two-epochs ·
+epochs=2` (the pipeline row leaves out the stage). The pipeline run is DVC's experiment name under `dvc exp run` (DVC
+always sets one, a random `sappy-horn` unless `-n`), else the short git commit for `dvc repro` in the workspace; it is
+also the tag `pipeline_run`, by which the UI groups a pipeline run's stages. The params named are those whose value
+differs from the committed params.yaml: what `-S` set, or an edit not yet committed.
 """
 from __future__ import annotations
 
@@ -13,8 +19,15 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
+import yaml
+
 STAGES_EXPERIMENT = "sd-stages"
 PIPELINE_EXPERIMENT = "sd-pipeline"
+# MLflow 3's UI shows an experiment either as a GenAI app (traces, sessions, judges) or as model training (the runs
+# table, metric charts); this experiment tag picks the second in the 3.x UIs that read it (see stages/ui.py).
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+PARAMS_FILE = "params.yaml"  # read from the stage's working directory, the repository root (or DVC's executor copy)
+NAMED_PARAMS = 3  # changed params spelled out in a run name; more are counted
 
 
 def repo_root() -> Path:
@@ -36,12 +49,71 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
-def _git_commit() -> str:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return None
+
+
+def _git_commit() -> str:
+    return (_git("rev-parse", "HEAD") or "unknown").strip()
+
+
+def pipeline_run() -> str:
+    """The pipeline run a stage belongs to: DVC's experiment name, else (`dvc repro`) the short git commit."""
+    return os.environ.get("DVC_EXP_NAME") or (_git("rev-parse", "--short", "HEAD") or "workspace").strip()
+
+
+def committed_params() -> dict[str, object]:
+    """params.yaml as committed at HEAD, flattened like the logged params ('unet.lr'); {} outside git.
+
+    Under `dvc exp run` HEAD is the experiment's baseline, also in `--temp` and queued runs, whose executor checks the
+    baseline out and applies the experiment's changes on top without committing them.
+    """
+    try:
+        raw = yaml.safe_load(_git("show", f"HEAD:./{PARAMS_FILE}") or "")
+    except yaml.YAMLError:
+        return {}
+    return flat_params(raw) if isinstance(raw, dict) else {}
+
+
+def flat_params(raw: dict) -> dict[str, object]:
+    """params.yaml sections flattened as logged: {"unet": {"lr": ..}, "epochs": ..} -> {"unet.lr": .., "epochs": ..}."""
+    flat: dict[str, object] = {}
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            flat |= {f"{section}.{k}": v for k, v in values.items()}
+        else:
+            flat[section] = values
+    return flat
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal as logged: `1.0e-3` and `0.001`, `[1, 2]` and `(1, 2)`, `30` and DVC's `'30'` are the same value."""
+    a, b = str(_param(a)), str(_param(b))
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
+
+
+def changed_params(params: dict, committed: dict) -> dict:
+    """The params whose value differs from the committed params.yaml; keys it lacks (CLI-only options) are left out."""
+    return {k: v for k, v in params.items() if k in committed and not _same(v, committed[k])}
+
+
+def _short(value: object, width: int = 24) -> str:
+    text = str(value)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def run_name(stage: str | None, params: dict) -> str:
+    """`<stage> · <pipeline run> · <changed params>`, e.g. `train_unet · two-epochs · epochs=2 unet.lr=0.0003`."""
+    changed = [f"{k}={_short(_param(v))}" for k, v in changed_params(params, committed_params()).items()]
+    if len(changed) > NAMED_PARAMS:
+        changed = [*changed[:NAMED_PARAMS], f"+{len(changed) - NAMED_PARAMS} more"]
+    return " · ".join([*([stage] if stage else []), pipeline_run(), *([" ".join(changed)] if changed else [])])
 
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "asimd", "sve")  # the kernels' code paths on x86 and ARM
@@ -74,25 +146,32 @@ def machine() -> dict[str, str | int]:
 
 
 def run_tags(stage: str) -> dict[str, str]:
-    """Git commit, DVC experiment identity and the machine, so a row in the UI maps back to `dvc exp show`."""
-    tags = {"stage": stage, "git_commit": _git_commit(), **{f"machine.{k}": str(v) for k, v in machine().items()}}
+    """Git commit, DVC experiment identity, the pipeline run (to group by) and the machine, so a row in the UI maps
+    back to `dvc exp show`."""
+    tags = {"stage": stage, "pipeline_run": pipeline_run(), "git_commit": _git_commit(),
+            **{f"machine.{k}": str(v) for k, v in machine().items()}}
     for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_baseline_rev")):
         tags[tag] = os.environ.get(env, "workspace" if tag == "dvc_exp_name" else "")
     return tags
 
 
-def _experiment(name: str) -> str:
+def experiment(name: str) -> str:
+    """The experiment's id, created with an absolute artifact location; tagged for the model-training view, also when
+    an older store has it untagged (a kind set by hand is kept)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = (repo_root() / "mlartifacts" / name).as_uri()
-    try:
-        return mlflow.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by a queued run: use theirs
-        return mlflow.get_experiment_by_name(name).experiment_id
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = (repo_root() / "mlartifacts" / name).as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
+        except Exception:  # created concurrently by a queued run: use theirs
+            exp = client.get_experiment_by_name(name)
+    if KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+    return exp.experiment_id
 
 
 @contextlib.contextmanager
@@ -103,9 +182,8 @@ def stage_run(stage: str, params: dict) -> Iterator[object | None]:
         return
     import mlflow
 
-    exp_id = _experiment(STAGES_EXPERIMENT)
-    run_name = f"{os.environ.get('DVC_EXP_NAME', 'workspace')}/{stage}"
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags(stage)) as run:
+    exp_id = experiment(STAGES_EXPERIMENT)
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name(stage, params), tags=run_tags(stage)) as run:
         mlflow.log_params({k: _param(v) for k, v in params.items()})
         yield run
 
@@ -138,9 +216,8 @@ def log_pipeline_run(params: dict, metrics: dict[str, float], artifacts: list[Pa
         return
     import mlflow
 
-    exp_id = _experiment(PIPELINE_EXPERIMENT)
-    with mlflow.start_run(experiment_id=exp_id, run_name=os.environ.get("DVC_EXP_NAME", "workspace"),
-                          tags=run_tags("pipeline")):
+    exp_id = experiment(PIPELINE_EXPERIMENT)
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name(None, params), tags=run_tags("pipeline")):
         mlflow.log_params({k: _param(v) for k, v in params.items()})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         for path in artifacts:
