@@ -125,6 +125,7 @@ class ClassifierConfig(_Section):
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(3e-3, gt=0.0)
+    seed: int = Field(0, ge=0)  # its own: the yardstick stays put when the top-level (training) `seed` varies
 
 
 class SampleConfig(_Section):

@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Annotated[Path, typer.Option(help="params.yaml to read the `classifier` section and `seed` from")] = Path("params.yaml"),
+    params: Annotated[Path, typer.Option(help="params.yaml to read the `classifier` section from")] = Path("params.yaml"),
     data: Annotated[Path, typer.Option(help="preprocessed dataset folder")] = Path("data/processed"),
     out: Annotated[Path, typer.Option(help="classifier weights (safetensors)")] = Path("models/classifier.safetensors"),
     metrics: Annotated[Path, typer.Option(help="metrics JSON (test accuracy)")] = Path("reports/classifier.json"),
@@ -28,7 +28,7 @@ def main(
     """Train the evaluation classifier on the train split; report its accuracy on the test split."""
     with user_errors():
         raw = config.read_params(params)
-        cfg, seed = config.parse_section("classifier", raw.get("classifier")), config.top_level(raw, "seed")
+        cfg = config.parse_section("classifier", raw.get("classifier"))
         check_outputs(out, metrics)
         dev = pick_device(device)
         train, test = load_split(data, "train"), load_split(data, "test")
@@ -37,14 +37,14 @@ def main(
             raise DataError(f"{data}: the classifier needs labelled images of at least 2 classes "
                             f"(found {len(train.classes)} classes, {int(labelled.sum())} labelled images)")
 
-        torch.manual_seed(seed)  # parameter initialisation only; training draws from its own generator
+        torch.manual_seed(cfg.seed)  # parameter initialisation only; training draws from its own generator
         args = ClassifierArgs(in_channels=train.images.shape[1], image_size=train.images.shape[-1],
                               num_classes=len(train.classes))
         model = Classifier(args)
-        run_params = config.flatten({"classifier": cfg, "seed": seed})
+        run_params = config.flatten({"classifier": cfg})
         with tracking.stage_run("train_classifier", run_params):
             history = train_classifier(model, train.images[labelled], train.labels[labelled],
-                                       torch.Generator().manual_seed(seed), dev, epochs=cfg.epochs,
+                                       torch.Generator().manual_seed(cfg.seed), dev, epochs=cfg.epochs,
                                        batch_size=cfg.batch_size, lr=cfg.lr,
                                        on_epoch=lambda row: tracking.log_metrics(row, step=row["epoch"]))
             test_labelled = test.labels >= 0
