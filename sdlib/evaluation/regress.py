@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,18 @@ def regressions(current: dict, baseline: dict, rules: dict[str, Rule] = RULES, t
         rows.append({"metric": name, "baseline": old, "current": new, "worse_by": worse_by, "tolerance": tol,
                      "regressed": worse_by > tol})
     return rows
+
+
+def spread_over_runs(runs: dict[str, dict], rules: dict[str, Rule] = RULES) -> dict[str, dict[str, float]]:
+    """Mean, sample std, range and count over whole training runs (name -> metrics) of each gated metric that at
+    least two runs have: the `training` argument of `regressions`."""
+    stats = {}
+    for name in rules:
+        values = [float(r[name]) for r in runs.values() if name in r]
+        if len(values) >= 2:
+            stats[name] = {"mean": statistics.fmean(values), "std": statistics.stdev(values), "n": len(values),
+                           "min": min(values), "max": max(values)}
+    return stats
 
 
 def read_committed(ref: str, path: str) -> dict | None:
