@@ -58,8 +58,7 @@ def pixels(folder) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("layout", ["folder", "single"])
 def test_convert_then_sample_draws_what_sample_pretrained_draws(checkpoints, params_file, tmp_path, layout):
-    """Planted bugs caught: the converted text encoder saved without its weights (`pretrained_sample` then draws from
-    a fresh one); clip_skip or the image size not passed on to the drawing."""
+    """Planted bugs caught: the text encoder's weights lost in conversion; clip_skip not passed on to the drawing."""
     params = pipeline_params(params_file, checkpoints[layout])
     res, lines = invoke(pretrained_convert.app, "--params", params, "--out", tmp_path / "model")
     assert res.exit_code == 0, res.output
