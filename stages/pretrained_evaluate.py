@@ -1,5 +1,5 @@
 """Score the pretrained model's samples against `pretrained.reference`, a folder of reference images: standard FID and
-KID in Inception-v3 features (`evaluate.inception_weights`, a local weights file). Writes reports/pretrained/metrics.json.
+KID in Inception-v3 features (`evaluate.inception_weights`, a local weights file), in reports/pretrained/metrics.json.
 
 With no images in the folder (the default, pretrained/reference, holds only its README) the metrics say so
 (`n_reference: 0`) and nothing is computed: the stage always runs, so the pipeline keeps one shape whatever the params,

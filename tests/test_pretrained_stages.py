@@ -62,7 +62,8 @@ def test_convert_then_sample_draws_what_sample_pretrained_draws(checkpoints, par
     params = pipeline_params(params_file, checkpoints[layout])
     res, lines = invoke(pretrained_convert.app, "--params", params, "--out", tmp_path / "model")
     assert res.exit_code == 0, res.output
-    assert f"({'diffusers' if layout == 'folder' else 'compvis'}, U-Net weights as stored, eps-prediction)" in res.output
+    kind = "diffusers" if layout == "folder" else "compvis"
+    assert f"({kind}, U-Net weights as stored, eps-prediction)" in res.output
     model, meta = load_ldm(tmp_path / "model" / "model.safetensors")
     ref = load_pretrained(checkpoints[layout], config=pretrained_convert.ARCHITECTURES["tiny_sd_v1"])
     assert meta["pretrained"]["checkpoint"] == str(checkpoints[layout])
@@ -142,7 +143,8 @@ def test_evaluate_scores_fid_and_kid_against_the_reference(drawn, params_file, t
 BAD = [
     ("convert", {"checkpoint": "nowhere/sd.safetensors"}, "pretrained.checkpoint: nowhere/sd.safetensors not found "
      "(set it to your SD v1.x checkpoint"),
-    ("convert", {"architecture": "sd_v2"}, "params: pretrained.architecture must be one of sd_v1, tiny_sd_v1, got 'sd_v2'"),
+    ("convert", {"architecture": "sd_v2"},
+     "params: pretrained.architecture must be one of sd_v1, tiny_sd_v1, got 'sd_v2'"),
     ("convert", {"weights": "best"}, "bad value for 'pretrained.weights'"),
     ("sample", {"sample": {**SAMPLE, "height": 100}}, "bad value for 'pretrained.sample.height' (100)"),
     ("sample", {"sample": {**SAMPLE, "sampler": "dpm_fast"}}, "bad value for 'pretrained.sample.sampler'"),

@@ -3,8 +3,8 @@
 FID (Heusel et al. 2017), KID (Binkowski et al. 2018) and precision/recall (Kynkaanniemi et al. 2019) are computed
 by `torch_fidelity.calculate_metrics`; this module only supplies the feature space. By default that is the
 penultimate layer of the project's own classifier (`sdlib.models.classifier`), registered with torch-fidelity as the
-feature extractor `sdlib-classifier`, so evaluation works offline. Standard Inception FID and KID (`inception_metrics`) need a
-local copy of the Inception weights.
+feature extractor `sdlib-classifier`, so evaluation works offline. Standard Inception FID and KID
+(`inception_metrics`) need a local copy of the Inception weights.
 
 The classifier checkpoint reaches the extractor through torch-fidelity's own `feature_extractor_weights_path`
 keyword: `calculate_metrics` passes every keyword on to the extractor's constructor, so the path travels with the
