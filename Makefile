@@ -9,7 +9,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: all install repro compare plots test test-fast test-avx2 ui regress bench clean
+.PHONY: all install repro compare pretrained plots test test-fast test-avx2 ui regress bench clean
 
 all: install
 
@@ -25,6 +25,9 @@ repro: install  ## run the DVC pipeline (download -> ... -> evaluate)
 
 compare: install  ## the sampler comparison (reports/samplers.csv, samplers.png) on the trained default model
 	dvc repro compare/dvc.yaml
+
+pretrained: install  ## your SD v1.x checkpoint (set pretrained.checkpoint in params.yaml): convert, draw, score
+	dvc repro pretrained/dvc.yaml
 
 plots: install  ## `dvc plots show` as an offline page: dvc_plots/index.html
 	python -m stages.plots --out dvc_plots

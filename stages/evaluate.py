@@ -13,7 +13,7 @@ from sdlib.cli import check_outputs, pick_device, user_errors, wrote
 from sdlib.data.images import from_uint8, read_pngs, to_uint8
 from sdlib.data.splits import load_split
 from sdlib.errors import CheckpointError, ConfigError
-from sdlib.evaluation.metrics import inception_fid
+from sdlib.evaluation.metrics import inception_metrics
 from sdlib.evaluation.scoring import read_manifest, score_samples, seed_sets, vae_quality
 from sdlib.io import write_csv, write_json
 from sdlib.models.classifier import load_classifier, predict
@@ -62,7 +62,8 @@ def main(
                                      classes=classes, classifier=classifier, n_sets=cfg.seed_sets, device=dev)
         result.update(vae_quality(autoencoder, test.images, classifier, dev))
         if weights is not None:
-            result["fid_inception"] = inception_fid(gen[seed_sets(prompts, cfg.seed_sets)[0]], real, weights, dev)
+            result["fid_inception"] = inception_metrics(gen[seed_sets(prompts, cfg.seed_sets)[0]], real, weights,
+                                                        dev)["fid"]
         result = {k: v if isinstance(v, int) else _round(v) for k, v in sorted(result.items())}
         result["machine"] = tracking.machine()  # the gate shows it when a baseline was made on another machine
         write_json(out, result)

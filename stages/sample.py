@@ -11,37 +11,30 @@ noise levels and U-Net timesteps of the run beside manifest.csv.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import pandas as pd
 import torch
 import typer
-from tqdm import tqdm
 
 from sdlib import config, tracking
 from sdlib.cli import check_outputs, pick_device, user_errors, wrote
-from sdlib.data.captions import prompt_label
-from sdlib.data.images import make_grid_png, save_png, to_uint8
 from sdlib.diffusion.samplers import SAMPLERS, check_sampler
 from sdlib.errors import ConfigError
-from sdlib.generate import Prompts, generate, image_seed, load_init_image, resolve_schedule, run_sigmas
-from sdlib.io import atomic_dir, atomic_path, write_csv
-from sdlib.ldm import LatentDiffusion, load_ldm
-from sdlib.models.vae import AutoencoderKL, load_vae
+from sdlib.generate import Prompts, load_init_image
+from sdlib.io import atomic_dir, atomic_path
+from sdlib.ldm import LatentDiffusion
+from sdlib.models.vae import AutoencoderKL
 from sdlib.pretrained.load import load_pretrained
+from sdlib.pretrained.options import check_read_options, check_size
 from sdlib.pretrained.sd_v1 import ARCHITECTURES
+from sdlib.samples import check_clip_skip, drawn_size, load_model, plan, write_samples
 
 app = typer.Typer(add_completion=False)
 
 # With --pretrained: one image per prompt, drawn one at a time, at SD's usual guidance (params.yaml is the digits')
 PRETRAINED_DEFAULTS = {"n_per_prompt": 1, "steps": 25, "guidance": 7.5, "batch_size": 1}
-WEIGHTS = ("ema", "non_ema")
-PREDICTIONS = ("eps", "v")
 
 
 def settings(params: Path | None, overrides: dict) -> config.SampleConfig:
@@ -59,51 +52,11 @@ def settings(params: Path | None, overrides: dict) -> config.SampleConfig:
     return cfg
 
 
-def check_options(pretrained: Path | None, given: dict[str, object], sd_options: dict[str, object]) -> None:
-    """Refuse contradicting options: the trained model's with --pretrained, SD's without it."""
-    if pretrained is None:
-        stray = [k for k, v in sd_options.items() if v is not None]
-        if stray:
-            raise ConfigError(f"{stray[0]} applies to a --pretrained checkpoint only")
-        return
-    stray = [k for k, v in given.items() if v is not None]
-    if stray:
-        raise ConfigError(f"--pretrained contradicts {stray[0]} (that is the trained model's option)")
-    if pretrained.is_dir():
-        for k in ("--architecture", "--weights"):
-            if sd_options[k] is not None:
-                raise ConfigError(f"{k} applies to a single-file checkpoint; {pretrained} is a diffusers folder, "
-                                  "whose config files give the architecture and its one set of weights")
-    if sd_options["--architecture"] not in (None, *ARCHITECTURES):
-        raise ConfigError(f"--architecture must be one of {', '.join(ARCHITECTURES)}, got {sd_options['--architecture']!r}")
-    if sd_options["--weights"] not in (None, *WEIGHTS):
-        raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got {sd_options['--weights']!r}")
-    if sd_options["--prediction"] not in (None, *PREDICTIONS):
-        raise ConfigError(f"--prediction must be one of {', '.join(PREDICTIONS)}, got {sd_options['--prediction']!r}")
-
-
-def check_size(height: int | None, width: int | None) -> None:
-    for name, v in (("--height", height), ("--width", width)):
-        if v is not None and (v <= 0 or v % 8):
-            raise ConfigError(f"{name} must be a positive multiple of 8, got {v}")
-
-
-def schedule_record(model: LatentDiffusion, cfg: config.SampleConfig, strength: float | None) -> dict:
-    """The noise levels of the run and the U-Net's timestep at each nonzero one (what schedule.json holds)."""
-    sigmas = run_sigmas(model, cfg.sampler, cfg.steps, cfg.schedule, strength)
-    return {"sampler": cfg.sampler, "steps": cfg.steps, "strength": strength,
-            "schedule": resolve_schedule(cfg.sampler, cfg.schedule),
-            "sigmas": sigmas.tolist(),  # float32 values, ending in 0
-            # at each nonzero sigma (second-order samplers also evaluate the U-Net in between)
-            "timesteps": model.denoiser.sigma_to_t(sigmas[sigmas > 0]).tolist()}
-
-
 def load_models(pretrained: Path | None, unet: Path, vae: Path, architecture: str | None, weights: str | None,
                 prediction: str | None, device: torch.device) -> tuple[LatentDiffusion, AutoencoderKL, Prompts, dict, str]:
     """(model, VAE, prompts, checkpoint meta, a description for the summary line) of the trained or pretrained model."""
     if pretrained is None:
-        model, meta = load_ldm(unet / "model.safetensors", device)
-        return model, load_vae(vae, device), Prompts(unet / "tokenizer", model), meta, ""
+        return *load_model(unet, vae, device), ""
     sd = load_pretrained(pretrained, config=ARCHITECTURES[architecture or "sd_v1"], ema=weights or "ema",
                          prediction=prediction, device=device, dtype=torch.float32)
     described = (f" from {pretrained} ({sd.layout}, U-Net weights {sd.unet_weights}, "
@@ -146,8 +99,8 @@ def main(
     """Draw images for each prompt with the trained model, or a pretrained SD v1.x checkpoint; writes PNGs,
     manifest.csv and a grid (and, with --pretrained, schedule.json)."""
     with user_errors():
-        check_options(pretrained, {"--unet": unet, "--vae": vae, "--params": params},
-                      {"--architecture": architecture, "--weights": weights, "--prediction": prediction})
+        check_read_options(pretrained, {"--unet": unet, "--vae": vae, "--params": params},
+                           {"--architecture": architecture, "--weights": weights, "--prediction": prediction})
         if pretrained is not None and not prompt:
             raise ConfigError("--pretrained needs --prompt (the default prompts are the digits model's)")
         cfg = settings(None if pretrained else params or Path("params.yaml"),
@@ -167,43 +120,19 @@ def main(
         model, autoencoder, prompts, meta, described = load_models(
             pretrained, unet or Path("models/unet"), vae or Path("models/vae.safetensors"), architecture, weights,
             prediction, dev)
-        factor = autoencoder.args.factor
-        hw = (height or model.latent_hw[0] * factor, width or model.latent_hw[1] * factor)
-        if hw[0] % factor or hw[1] % factor:
-            raise ConfigError(f"--height/--width must be multiples of the VAE's factor {factor}, got {hw[0]}x{hw[1]}")
-        if clip_skip > model.text_args.num_layers:
-            raise ConfigError(f"--clip-skip must lie in 1..{model.text_args.num_layers} (the text encoder's layers), "
-                              f"got {clip_skip}")
+        hw = drawn_size(model, autoencoder, height, width)
+        check_clip_skip(model, clip_skip)
         if init_image is not None and image is None:
             image = load_init_image(init_image, autoencoder.args.in_channels, hw)
-        jobs = [(p, prompt_label(p, meta.get("classes", []), meta.get("digits", False)),
-                 image_seed(cfg.seed, k, cfg.n_per_prompt, i), f"{k:02d}_{i:04d}.png")
-                for k, p in enumerate(cfg.prompts) for i in range(cfg.n_per_prompt)]
+        jobs = plan(cfg, meta)
 
         run_params = config.flatten({"sample": cfg})
         if pretrained is not None:
             run_params |= {"pretrained": str(pretrained), "height": hw[0], "width": hw[1], "clip_skip": clip_skip,
                            "prediction": model.diffusion.prediction}
         with tracking.stage_run("sample", run_params), atomic_dir(out) as tmp:
-            images = []
-            for start in tqdm(range(0, len(jobs), cfg.batch_size), desc="sample", unit="batch", file=sys.stderr):
-                batch = jobs[start:start + cfg.batch_size]
-                x = generate(model, autoencoder, prompts, [j[0] for j in batch], [j[2] for j in batch],
-                             sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
-                             negative_prompt=cfg.negative_prompt, init_image=image, strength=strength,
-                             latent_hw=(hw[0] // factor, hw[1] // factor), clip_skip=clip_skip)
-                for (_, _, _, name), img in zip(batch, to_uint8(x.cpu())):
-                    save_png(tmp / name, img)
-                    images.append(img)
-            cols = min(cfg.n_per_prompt, 10)
-            grid = [img for k in range(len(cfg.prompts)) for img in images[k * cfg.n_per_prompt:][:cols]]
-            make_grid_png(tmp / "grid.png", torch.stack(grid), nrow=cols)
-            manifest = pd.DataFrame([{"prompt": p, "label": -1 if lbl is None else lbl, "seed": s,
-                                      "path": os.path.relpath(out / name)} for p, lbl, s, name in jobs])
-            write_csv(tmp / "manifest.csv", manifest)
-            if pretrained is not None:
-                record = schedule_record(model, cfg, None if image is None else strength)
-                (tmp / "schedule.json").write_text(json.dumps(record, indent=2) + "\n")
+            write_samples(tmp, out, model, autoencoder, prompts, cfg, jobs, hw=hw, clip_skip=clip_skip,
+                          init_image=image, strength=strength, schedule=pretrained is not None)
             tracking.log_artifact(tmp / "grid.png")
         if grid_copy is not None:
             with atomic_path(grid_copy) as tmp_grid:

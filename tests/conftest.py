@@ -74,3 +74,23 @@ def tiny_models(tmp_path_factory):
     write_clip_tokenizer_files(root / "unet" / "tokenizer")
     save_vae(root / "vae.safetensors", AutoencoderKL(VAEArgs(in_channels=1, base_channels=8, channel_mult=(1, 2))))
     return root
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """A random-weight state dict of torch-fidelity's Inception-v3, saved the way it loads one (a `torch.save`d
+    state dict). Convolutions get He-normal weights so that activations neither vanish nor explode."""
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        model = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])  # no download: patched
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=gen) * (2 / v[0].numel()) ** 0.5 if v.ndim == 4 else v
+             for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(state, path)
+    return path

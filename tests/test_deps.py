@@ -1,8 +1,8 @@
 """dvc.yaml names everything a stage runs, so that a cached result never outlives the code or params that made it.
 
-For every stage of dvc.yaml and compare/dvc.yaml: its code deps are exactly the project modules its script imports,
-transitively (a missing one leaves stale results cached; an extra one re-runs the stage for nothing), and its params
-are exactly the params.yaml sections and keys the script reads.
+For every stage of dvc.yaml, compare/dvc.yaml and pretrained/dvc.yaml: its code deps are exactly the project modules
+its script imports, transitively (a missing one leaves stale results cached; an extra one re-runs the stage for
+nothing), and its params are exactly the params.yaml sections and keys the script reads.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sdlib.config import SECTIONS, TOP_LEVEL
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("sdlib", "stages")
-PIPELINES = ("dvc.yaml", "compare/dvc.yaml")
+PIPELINES = ("dvc.yaml", "compare/dvc.yaml", "pretrained/dvc.yaml")
 
 
 def module_file(name: str) -> Path | None:

@@ -7,11 +7,9 @@ import json
 import math
 import os
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
-import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torchvision.transforms.functional import gaussian_blur
 from typer.testing import CliRunner
 
@@ -19,7 +17,7 @@ from sdlib.data.captions import DIGIT_NAMES, class_captions
 from sdlib.data.images import save_png, to_uint8
 from sdlib.data.splits import Split, write_processed
 from sdlib.errors import CheckpointError
-from sdlib.evaluation.metrics import conditional_accuracy, fidelity_metrics, inception_fid, kid_subset_size
+from sdlib.evaluation.metrics import conditional_accuracy, fidelity_metrics, inception_metrics, kid_subset_size
 from sdlib.models.classifier import Classifier, ClassifierArgs, predict, save_classifier, train_classifier
 from sdlib.models.vae import AutoencoderKL, VAEArgs, save_vae
 from stages.evaluate import app
@@ -100,37 +98,25 @@ def test_conditional_accuracy_pinned():
         conditional_accuracy(torch.tensor([0, 1]), torch.tensor([0]), num_classes=4)
 
 
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory) -> Path:
-    """A random-weight state dict of torch-fidelity's Inception-v3, saved the way it loads one (a `torch.save`d
-    state dict). Convolutions get He-normal weights so that activations neither vanish nor explode."""
-    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
-        model = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])  # no download: patched
-    gen = torch.Generator().manual_seed(0)
-    state = {k: torch.randn(v.shape, generator=gen) * (2 / v[0].numel()) ** 0.5 if v.ndim == 4 else v
-             for k, v in model.state_dict().items()}
-    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
-    torch.save(state, path)
-    return path
-
-
-def test_inception_fid_from_local_weights(digits, inception_weights):
+def test_inception_fid_and_kid_from_local_weights(digits, inception_weights):
     x = to_uint8(digits[0][:4])
-    assert abs(inception_fid(x, x, inception_weights, CPU)) < 1e-4
-    assert inception_fid(x, x // 4, inception_weights, CPU) > 1.0  # darkened digits are far away
+    same = inception_metrics(x, x, inception_weights, CPU, kid=True)
+    dark = inception_metrics(x, x // 4, inception_weights, CPU, kid=True)  # darkened digits are far away
+    assert abs(same["fid"]) < 1e-4 and dark["fid"] > 1.0
+    assert abs(same["kid"]) < 1e-3 < dark["kid"] and same.keys() == dark.keys() == {"fid", "kid", "kid_std"}
+    assert inception_metrics(x, x, inception_weights, CPU).keys() == {"fid"}
 
 
 def test_inception_fid_refuses_missing_or_unsafe_weights(digits, tmp_path):
     x = to_uint8(digits[0][:2])
     with pytest.raises(CheckpointError, match="not found"):
-        inception_fid(x, x, tmp_path / "none.pth", CPU)
+        inception_metrics(x, x, tmp_path / "none.pth", CPU)
     torch.save({"fc.weight": torch.zeros(1), "code": Path("/")}, tmp_path / "pickled.pth")  # an arbitrary object
     with pytest.raises(CheckpointError, match="not a plain Inception state dict"):
-        inception_fid(x, x, tmp_path / "pickled.pth", CPU)
+        inception_metrics(x, x, tmp_path / "pickled.pth", CPU)
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "partial.pth")
     with pytest.raises(CheckpointError, match="do not fit"):
-        inception_fid(x, x, tmp_path / "partial.pth", CPU)
+        inception_metrics(x, x, tmp_path / "partial.pth", CPU)
 
 
 # ------------------------------------------------------------------------------------------- the evaluate stage

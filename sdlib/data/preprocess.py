@@ -8,7 +8,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sdlib.data.captions import CLASS_TEMPLATES, DIGIT_TEMPLATES, class_captions
-from sdlib.data.images import from_uint8
+from sdlib.data.images import cover_crop, from_uint8
 from sdlib.data.sources import RawData
 from sdlib.data.splits import Split
 from sdlib.errors import DataError
@@ -27,11 +27,7 @@ def fit_image(im: Image.Image, size: int) -> Image.Image:
         canvas = Image.new(im.mode, (size, size), int(fill) if fill.ndim == 0 else tuple(fill.tolist()))
         canvas.paste(im, ((size - w) // 2, (size - h) // 2))
         return canvas
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    im = im.resize((nw, nh), Image.Resampling.BICUBIC)  # Pillow low-pass filters when shrinking
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return im.crop((left, top, left + size, top + size))
+    return cover_crop(im, size, size)
 
 
 def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

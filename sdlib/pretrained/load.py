@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, replace
@@ -393,3 +394,12 @@ def load_pretrained(path: str | Path, *, config: SDConfig = SD_V1, ema: EMA = "e
         sd = load_compvis(path, config=config, ema=ema, prediction=prediction, dtype=dtype)
     sd.model.to(device), sd.vae.to(device)
     return sd
+
+
+def copy_tokenizer(path: str | Path, out: Path) -> Path:
+    """Write the tokenizer files `load_pretrained(path)` reads into the folder `out`: a diffusers folder's tokenizer/
+    as it is, or CLIP's own (from open_clip) for a single file, which carries none."""
+    path = Path(path)
+    if path.is_dir():
+        return Path(shutil.copytree(path / "tokenizer", out))
+    return write_clip_tokenizer_files(out)
