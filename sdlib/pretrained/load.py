@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from sdlib.diffusion.schedules import alphas_cumprod, betas
-from sdlib.errors import CheckpointError
+from sdlib.errors import CheckpointError, ConfigError
 from sdlib.ldm import DiffusionArgs, LatentDiffusion
 from sdlib.models.text import VOCAB_SIZE, TextEncoderArgs, load_tokenizer, write_clip_tokenizer_files
 from sdlib.models.unet import UNetArgs
@@ -40,6 +40,9 @@ from sdlib.pretrained.sd_v1 import SD_V1, SDConfig
 EMA = Literal["ema", "non_ema"]
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}  # diffusers' prediction_type -> sdlib's
 SHOWN = 3  # keys named per kind of problem in an error; the rest are counted
+# dtypes of the U-Net and text encoder: bfloat16 for the CPU, float16 for CUDA (it runs on the CPU, slower than float32)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VAE_DTYPE = torch.float32  # SD v1's VAE decoder overflows float16; at 8% of the weights, it stays float32
 
 # CompVis' DDPM keeps its schedule as buffers beside the weights; `alphas_cumprod` is checked, the rest follow from it.
 COMPVIS_SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -341,7 +344,7 @@ def load_diffusers(root: Path, *, prediction: str | None = None,
                       list(model.unet.state_dict()), "diffusers"), _model_shapes(model.unet), prefix="", what="U-Net",
                       dtype=dtype)
     vae_sd = convert(_diffusers_weights(root / "vae"), expand(vae_blocks(cfg.vae, "diffusers"),
-                     list(vae.state_dict()), "diffusers"), _model_shapes(vae), prefix="", what="VAE", dtype=dtype)
+                     list(vae.state_dict()), "diffusers"), _model_shapes(vae), prefix="", what="VAE", dtype=VAE_DTYPE)
     text_file = _diffusers_weights(root / "text_encoder")
     nested = any(k.startswith("text_model.") for k in text_file.keys())
     text_sd = convert(text_file, text_keymap(list(model.text.state_dict()), nested), _model_shapes(model.text),
@@ -369,9 +372,11 @@ def _refuse_compvis_other_versions(tf: TensorFile) -> None:
 def _check_compvis_schedule(tf: TensorFile, diffusion: DiffusionArgs) -> None:
     if "alphas_cumprod" not in tf.keys():
         return
-    ours = alphas_cumprod(betas(diffusion.beta_schedule, diffusion.num_timesteps)).float()
-    theirs = tf.get("alphas_cumprod").float()
-    if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-4, atol=1e-6):
+    ours = alphas_cumprod(betas(diffusion.beta_schedule, diffusion.num_timesteps))
+    theirs = tf.get("alphas_cumprod")
+    # a float16 file stores the schedule in float16 too: rounded, ours may differ from it by one ulp
+    rtol = max(1e-4, torch.finfo(theirs.dtype).eps) if theirs.is_floating_point() else 1e-4
+    if theirs.shape != ours.shape or not torch.allclose(theirs.double(), ours, rtol=rtol, atol=1e-6):
         raise CheckpointError(f"{tf.path}: alphas_cumprod is not SD v1's scaled_linear schedule "
                               f"({diffusion.num_timesteps} steps, betas 0.00085..0.012)")
 
@@ -406,7 +411,7 @@ def load_compvis(path: Path, *, config: SDConfig = SD_V1, ema: EMA = "ema", pred
     unet_sd = convert(tf, unet_map, _model_shapes(model.unet), prefix=unet_prefix, what="U-Net", ignore=ignore,
                       dtype=dtype)
     vae_sd = convert(tf, expand(vae_blocks(config.vae, "compvis"), list(vae.state_dict()), "compvis"),
-                     _model_shapes(vae), prefix=COMPVIS_PREFIX["vae"], what="VAE", dtype=dtype)
+                     _model_shapes(vae), prefix=COMPVIS_PREFIX["vae"], what="VAE", dtype=VAE_DTYPE)
     nested = any(k.startswith(COMPVIS_PREFIX["text_encoder"] + "text_model.") for k in keys)
     text_map = text_keymap(list(model.text.state_dict()), nested)
     text_sd = convert(tf, text_map, _model_shapes(model.text), prefix=COMPVIS_PREFIX["text_encoder"],
@@ -435,8 +440,11 @@ def load_pretrained(path: str | Path, *, config: SDConfig = SD_V1, ema: EMA = "e
     """A diffusers folder or a CompVis single file -> sdlib's LatentDiffusion, AutoencoderKL and CLIP tokenizer.
 
     `config` is the architecture of a single file (a folder's config files give its own); `prediction` (eps or v)
-    overrides the scheduler config's prediction_type.
+    overrides the scheduler config's prediction_type. `dtype` (one of DTYPES) is the U-Net's and the text encoder's;
+    the VAE's is VAE_DTYPE.
     """
+    if dtype not in DTYPES.values():
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     path = Path(path)
     if path.is_dir():
         sd = load_diffusers(path, prediction=prediction, dtype=dtype)
