@@ -33,7 +33,7 @@ from sdlib.generate import Prompts, generate, image_seed, load_init_image, resol
 from sdlib.io import atomic_dir, atomic_path, write_csv
 from sdlib.ldm import LatentDiffusion, load_ldm
 from sdlib.models.vae import AutoencoderKL, load_vae
-from sdlib.pretrained.load import load_pretrained
+from sdlib.pretrained.load import DTYPES, load_pretrained
 from sdlib.pretrained.sd_v1 import ARCHITECTURES
 
 app = typer.Typer(add_completion=False)
@@ -99,15 +99,18 @@ def schedule_record(model: LatentDiffusion, cfg: config.SampleConfig, strength: 
 
 
 def load_models(pretrained: Path | None, unet: Path, vae: Path, architecture: str | None, weights: str | None,
-                prediction: str | None, device: torch.device) -> tuple[LatentDiffusion, AutoencoderKL, Prompts, dict, str]:
+                prediction: str | None, dtype: str, device: torch.device
+                ) -> tuple[LatentDiffusion, AutoencoderKL, Prompts, dict, str]:
     """(model, VAE, prompts, checkpoint meta, a description for the summary line) of the trained or pretrained model."""
     if pretrained is None:
         model, meta = load_ldm(unet / "model.safetensors", device)
         return model, load_vae(vae, device), Prompts(unet / "tokenizer", model), meta, ""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     sd = load_pretrained(pretrained, config=ARCHITECTURES[architecture or "sd_v1"], ema=weights or "ema",
-                         prediction=prediction, device=device, dtype=torch.float32)
+                         prediction=prediction, device=device, dtype=DTYPES[dtype])
     described = (f" from {pretrained} ({sd.layout}, U-Net weights {sd.unet_weights}, "
-                 f"{sd.model.diffusion.prediction}-prediction)")
+                 f"{sd.model.diffusion.prediction}-prediction, {dtype})")
     return sd.model, sd.vae, Prompts.from_tokenizer(sd.tokenizer, sd.model), {}, described
 
 
@@ -135,6 +138,9 @@ def main(
         help="U-Net weights of a single file holding both: ema (default) or non_ema")] = None,
     prediction: Annotated[Optional[str], typer.Option(
         help="what the pretrained U-Net predicts, eps or v; default: as the checkpoint says (single file: eps)")] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        help="the pretrained U-Net's and text encoder's dtype: float32 (default), bfloat16 (the CPU's half "
+             "precision) or float16 (CUDA's); the VAE decodes in float32")] = None,
     params: Annotated[Optional[Path], typer.Option(
         help="params.yaml whose `sample` section gives the defaults (default: params.yaml)")] = None,
     unet: Annotated[Optional[Path], typer.Option(help="trained U-Net folder (default: models/unet)")] = None,
@@ -147,7 +153,8 @@ def main(
     manifest.csv and a grid (and, with --pretrained, schedule.json)."""
     with user_errors():
         check_options(pretrained, {"--unet": unet, "--vae": vae, "--params": params},
-                      {"--architecture": architecture, "--weights": weights, "--prediction": prediction})
+                      {"--architecture": architecture, "--weights": weights, "--prediction": prediction,
+                       "--dtype": dtype})
         if pretrained is not None and not prompt:
             raise ConfigError("--pretrained needs --prompt (the default prompts are the digits model's)")
         cfg = settings(None if pretrained else params or Path("params.yaml"),
@@ -166,7 +173,7 @@ def main(
         dev = pick_device(device)
         model, autoencoder, prompts, meta, described = load_models(
             pretrained, unet or Path("models/unet"), vae or Path("models/vae.safetensors"), architecture, weights,
-            prediction, dev)
+            prediction, dtype or "float32", dev)
         factor = autoencoder.args.factor
         hw = (height or model.latent_hw[0] * factor, width or model.latent_hw[1] * factor)
         if hw[0] % factor or hw[1] % factor:
@@ -183,7 +190,7 @@ def main(
         run_params = config.flatten({"sample": cfg})
         if pretrained is not None:
             run_params |= {"pretrained": str(pretrained), "height": hw[0], "width": hw[1], "clip_skip": clip_skip,
-                           "prediction": model.diffusion.prediction}
+                           "prediction": model.diffusion.prediction, "dtype": dtype or "float32"}
         with tracking.stage_run("sample", run_params), atomic_dir(out) as tmp:
             images = []
             for start in tqdm(range(0, len(jobs), cfg.batch_size), desc="sample", unit="batch", file=sys.stderr):
