@@ -9,7 +9,8 @@ named in one `CheckpointError`, never skipped. SD 2.x and SDXL checkpoints are r
 Loading holds one copy of the weights: the models are built with their parameters on the meta device (shapes, no
 memory, no random init) and take the file's tensors as their parameters (`load_state_dict(assign=True)`). A tensor
 already in the dtype asked stays a view of the memory-mapped file, which the kernel pages in as it is read; one in
-another dtype is read and converted on its own (see `TensorFile`).
+another dtype is read and converted on its own (see `TensorFile`). So a checkpoint must not be rewritten in place
+while a model loaded from it runs (replacing it by a rename, as sdlib's writers do, is safe).
 """
 from __future__ import annotations
 
