@@ -26,7 +26,7 @@ from sdlib.generate import Prompts, load_init_image
 from sdlib.io import atomic_dir, atomic_path
 from sdlib.ldm import LatentDiffusion
 from sdlib.models.vae import AutoencoderKL
-from sdlib.pretrained.load import load_pretrained
+from sdlib.pretrained.load import DTYPES, load_pretrained
 from sdlib.pretrained.options import check_read_options, check_size
 from sdlib.pretrained.sd_v1 import ARCHITECTURES
 from sdlib.samples import check_clip_skip, drawn_size, load_model, plan, write_samples
@@ -53,14 +53,15 @@ def settings(params: Path | None, overrides: dict) -> config.SampleConfig:
 
 
 def load_models(pretrained: Path | None, unet: Path, vae: Path, architecture: str | None, weights: str | None,
-                prediction: str | None, device: torch.device) -> tuple[LatentDiffusion, AutoencoderKL, Prompts, dict, str]:
+                prediction: str | None, dtype: str, device: torch.device
+                ) -> tuple[LatentDiffusion, AutoencoderKL, Prompts, dict, str]:
     """(model, VAE, prompts, checkpoint meta, a description for the summary line) of the trained or pretrained model."""
     if pretrained is None:
         return *load_model(unet, vae, device), ""
     sd = load_pretrained(pretrained, config=ARCHITECTURES[architecture or "sd_v1"], ema=weights or "ema",
-                         prediction=prediction, device=device, dtype=torch.float32)
+                         prediction=prediction, device=device, dtype=DTYPES[dtype])
     described = (f" from {pretrained} ({sd.layout}, U-Net weights {sd.unet_weights}, "
-                 f"{sd.model.diffusion.prediction}-prediction)")
+                 f"{sd.model.diffusion.prediction}-prediction, {dtype})")
     return sd.model, sd.vae, Prompts.from_tokenizer(sd.tokenizer, sd.model), {}, described
 
 
@@ -88,6 +89,9 @@ def main(
         help="U-Net weights of a single file holding both: ema (default) or non_ema")] = None,
     prediction: Annotated[Optional[str], typer.Option(
         help="what the pretrained U-Net predicts, eps or v; default: as the checkpoint says (single file: eps)")] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        help="the pretrained U-Net's and text encoder's dtype: float32 (default), bfloat16 (the CPU's half "
+             "precision) or float16 (CUDA's); the VAE decodes in float32")] = None,
     params: Annotated[Optional[Path], typer.Option(
         help="params.yaml whose `sample` section gives the defaults (default: params.yaml)")] = None,
     unet: Annotated[Optional[Path], typer.Option(help="trained U-Net folder (default: models/unet)")] = None,
@@ -100,7 +104,8 @@ def main(
     manifest.csv and a grid (and, with --pretrained, schedule.json)."""
     with user_errors():
         check_read_options(pretrained, {"--unet": unet, "--vae": vae, "--params": params},
-                           {"--architecture": architecture, "--weights": weights, "--prediction": prediction})
+                           {"--architecture": architecture, "--weights": weights, "--prediction": prediction,
+                            "--dtype": dtype})
         if pretrained is not None and not prompt:
             raise ConfigError("--pretrained needs --prompt (the default prompts are the digits model's)")
         cfg = settings(None if pretrained else params or Path("params.yaml"),
@@ -119,7 +124,7 @@ def main(
         dev = pick_device(device)
         model, autoencoder, prompts, meta, described = load_models(
             pretrained, unet or Path("models/unet"), vae or Path("models/vae.safetensors"), architecture, weights,
-            prediction, dev)
+            prediction, dtype or "float32", dev)
         hw = drawn_size(model, autoencoder, height, width)
         check_clip_skip(model, clip_skip)
         if init_image is not None and image is None:
@@ -129,7 +134,7 @@ def main(
         run_params = config.flatten({"sample": cfg})
         if pretrained is not None:
             run_params |= {"pretrained": str(pretrained), "height": hw[0], "width": hw[1], "clip_skip": clip_skip,
-                           "prediction": model.diffusion.prediction}
+                           "prediction": model.diffusion.prediction, "dtype": dtype or "float32"}
         with tracking.stage_run("sample", run_params), atomic_dir(out) as tmp:
             write_samples(tmp, out, model, autoencoder, prompts, cfg, jobs, hw=hw, clip_skip=clip_skip,
                           init_image=image, strength=strength, schedule=pretrained is not None)

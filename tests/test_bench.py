@@ -120,3 +120,20 @@ def test_plain_runner_runs_commands_in_order_and_stops_at_a_failure(tmp_path, mo
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     with pytest.raises(SystemExit, match=r"(?s)stage third failed \(exit 3\).*boom"):
         pipeline.timed_plain(tmp_path, tmp_path / "log")
+
+
+def test_load_memory_fabricates_loadable_checkpoints_and_measures_a_load(tmp_path, monkeypatch):
+    """The tiny architecture through the same code: both layouts load, and a child process reports one case."""
+    from sdlib.pretrained.load import load_pretrained
+    from sdlib.pretrained.sd_v1 import TINY_SD_V1
+    load_memory = load_bench("load_memory", monkeypatch)
+    paths = load_memory.fabricate(TINY_SD_V1, tmp_path)
+    assert set(paths) == {("compvis", "float32"), ("compvis", "float16"), ("diffusers", "float32")}
+    sd = load_pretrained(paths["diffusers", "float32"])
+    n_params = sum(p.numel() for m in (sd.model.unet, sd.model.text, sd.vae) for p in m.parameters())
+    assert load_memory.weight_bytes(paths["diffusers", "float32"]) == 4 * n_params
+    [line] = json_lines(bench("load_memory.py", "--architecture", "tiny_sd_v1", "--load",
+                              str(paths["compvis", "float16"]), "--dtype", "bfloat16"))
+    assert line["weights_gib"] * 2**30 == 2 * n_params
+    assert line["peak_gib"] >= line["peak_loaded_gib"] >= line["before_gib"] > 0
+    assert line["ratio"] == pytest.approx(line["peak_gib"] / line["weights_gib"])

@@ -26,6 +26,7 @@ from sdlib.diffusion.samplers import SAMPLERS, ImageRNG  # noqa: E402
 from sdlib.errors import SamplingError  # noqa: E402
 from sdlib.generate import Prompts, generate, load_init_image, run_sigmas, sampling_sigmas  # noqa: E402
 from sdlib.pretrained.load import load_pretrained  # noqa: E402
+from sdlib.pretrained.sd_v1 import TINY_SD_V1  # noqa: E402
 from stages.sample import app  # noqa: E402
 
 
@@ -124,7 +125,18 @@ def test_weights_prediction_and_long_prompts(sd, tmp_path):
         res, out = draw(sd, tmp_path, "--pretrained", "{root}/ema.ckpt", "--architecture", "tiny_sd_v1", "--weights",
                         "non_ema", "--prediction", "v", "--prompt", long, "--steps", 1)
     assert res.exit_code == 0, res.output
-    assert "(compvis, U-Net weights non_ema, v-prediction)" in res.output
+    assert "(compvis, U-Net weights non_ema, v-prediction, float32)" in res.output
+
+
+def test_cli_dtype_draws_what_generate_draws_at_that_dtype(sd, tmp_path):
+    res, out = draw(sd, tmp_path, "--pretrained", "{single}", "--architecture", "tiny_sd_v1", "--dtype", "bfloat16",
+                    "--prompt", "a red cube", "--steps", 2, "--seed", 5)
+    assert res.exit_code == 0, res.output
+    assert "(compvis, U-Net weights as stored, eps-prediction, bfloat16)" in res.output
+    m = load_pretrained(sd["single"], config=TINY_SD_V1, dtype=torch.bfloat16)
+    want = to_uint8(generate(m.model, m.vae, Prompts.from_tokenizer(m.tokenizer, m.model), ["a red cube"], [5],
+                             steps=2, guidance=7.5))
+    assert torch.equal(pngs(out, pd.read_csv(out / "manifest.csv")), want)
 
 
 # --- generate() equals diffusers' pipeline where the CLI goes beyond test_pretrained ----------------------------------
@@ -182,6 +194,9 @@ BAD = [
     (["--pretrained", "{single}", "--prompt", "x", "--prediction", "x0"], "--prediction must be one of eps, v"),
     (["--pretrained", "{single}", "--prompt", "x", "--architecture", "sd_v2"], "--architecture must be one of"),
     (["--prediction", "v"], "--prediction applies to a --pretrained checkpoint only"),
+    (["--dtype", "bfloat16"], "--dtype applies to a --pretrained checkpoint only"),
+    (["--pretrained", "{folder}", "--prompt", "x", "--dtype", "float64"],
+     "--dtype must be one of float32, bfloat16, float16, got 'float64'"),
     (["--pretrained", "{folder}"], "--pretrained needs --prompt"),
     (["--pretrained", "{folder}", "--prompt", "x", "--height", 48, "--width", 72, "--init-image",
       "{root}/init-64x64.png"], "init image is 64x64 (width x height), the drawing 72x48"),

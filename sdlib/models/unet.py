@@ -221,8 +221,14 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch, a.norm_eps), nn.SiLU(), zero_module(nn.Conv2d(ch, a.in_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) noisy latents (scaled by c_in), t: (B,) timesteps, context: (B, L, D) token states."""
-        emb = self.time_embed(timestep_embedding(t, self.args.model_channels))  # (B, 4*mc)
+        """x: (B, C, H, W) noisy latents (scaled by c_in), t: (B,) timesteps, context: (B, L, D) token states.
+
+        Inputs are cast to the weights' dtype (the timestep embedding after its float32 sin/cos, as diffusers); the
+        output is in that dtype.
+        """
+        dtype = self.conv_in.weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.args.model_channels).to(dtype))  # (B, 4*mc)
+        x, context = x.to(dtype), context.to(dtype)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:

@@ -144,17 +144,23 @@ def export_diffusers(model: LatentDiffusion, vae: AutoencoderKL, out: Path) -> N
         for part, weights in tensors.items():
             (tmp / part).mkdir()
             save_file(weights, str(tmp / part / f"{DIFFUSERS_WEIGHTS[part]}.safetensors"), metadata=SAFETENSORS_META)
-        _write_json(tmp / "unet" / "config.json", unet_config(model))
-        _write_json(tmp / "vae" / "config.json", vae_config(model, vae))
-        text = clip_text_config(model.text_args)
-        text.architectures = ["CLIPTextModel"]
-        text.to_json_file(str(tmp / "text_encoder" / "config.json"))
-        tokenizer = write_clip_tokenizer_files(tmp / "tokenizer")  # CLIP's, which every SD v1 model uses
-        config = json.loads((tokenizer / "tokenizer_config.json").read_text())
-        _write_json(tokenizer / "tokenizer_config.json", {**config, "model_max_length": model.text_args.max_length})
-        (tmp / "scheduler").mkdir()
-        _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(model))
-        _write_json(tmp / "model_index.json", MODEL_INDEX)
+        write_diffusers_configs(model, vae, tmp)
+
+
+def write_diffusers_configs(model: LatentDiffusion, vae: AutoencoderKL, folder: Path) -> None:
+    """Everything of a diffusers folder but the weights: the config files, CLIP's tokenizer and model_index.json."""
+    for part in ("unet", "vae", "text_encoder", "scheduler"):
+        (folder / part).mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "unet" / "config.json", unet_config(model))
+    _write_json(folder / "vae" / "config.json", vae_config(model, vae))
+    text = clip_text_config(model.text_args)
+    text.architectures = ["CLIPTextModel"]
+    text.to_json_file(str(folder / "text_encoder" / "config.json"))
+    tokenizer = write_clip_tokenizer_files(folder / "tokenizer")  # CLIP's, which every SD v1 model uses
+    config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    _write_json(tokenizer / "tokenizer_config.json", {**config, "model_max_length": model.text_args.max_length})
+    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(model))
+    _write_json(folder / "model_index.json", MODEL_INDEX)
 
 
 def export_single_file(model: LatentDiffusion, vae: AutoencoderKL, out: Path) -> None:

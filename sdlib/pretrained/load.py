@@ -5,24 +5,33 @@ Two layouts (see `keymap`): a diffusers folder (`unet/`, `vae/`, `text_encoder/`
 file (`.safetensors`, memory-mapped, or a `.ckpt` that `torch.load(weights_only=True)` can read) whose architecture is
 `config` (SD v1 unless told otherwise). Every weight is accounted for: missing, unexpected and mis-shaped keys are
 named in one `CheckpointError`, never skipped. SD 2.x and SDXL checkpoints are recognised and refused by name.
+
+Loading holds one copy of the weights: the models are built with their parameters on the meta device (shapes, no
+memory, no random init) and take the file's tensors as their parameters (`load_state_dict(assign=True)`). A tensor
+already in the dtype asked stays a view of the memory-mapped file, which the kernel pages in as it is read; one in
+another dtype is read and converted on its own (see `TensorFile`). So a checkpoint must not be rewritten in place
+while a model loaded from it runs (replacing it by a rename, as sdlib's writers do, is safe).
 """
 from __future__ import annotations
 
 import json
 import pickle
 import shutil
+import struct
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from sdlib.diffusion.schedules import alphas_cumprod, betas
-from sdlib.errors import CheckpointError
+from sdlib.errors import CheckpointError, ConfigError
 from sdlib.ldm import DiffusionArgs, LatentDiffusion
 from sdlib.models.text import VOCAB_SIZE, TextEncoderArgs, load_tokenizer, write_clip_tokenizer_files
 from sdlib.models.unet import UNetArgs
@@ -33,6 +42,9 @@ from sdlib.pretrained.sd_v1 import SD_V1, SDConfig
 EMA = Literal["ema", "non_ema"]
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}  # diffusers' prediction_type -> sdlib's
 SHOWN = 3  # keys named per kind of problem in an error; the rest are counted
+# dtypes of the U-Net and text encoder: bfloat16 for the CPU, float16 for CUDA (it runs on the CPU, slower than float32)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VAE_DTYPE = torch.float32  # SD v1's VAE decoder overflows float16; at 8% of the weights, it stays float32
 
 # CompVis' DDPM keeps its schedule as buffers beside the weights; `alphas_cumprod` is checked, the rest follow from it.
 COMPVIS_SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -72,7 +84,11 @@ class PretrainedSD:
 # --- reading tensors ------------------------------------------------------------------------------------------------
 
 class TensorFile:
-    """A checkpoint's tensors by name: memory-mapped safetensors, or a `torch.load(weights_only=True)` dict."""
+    """A checkpoint's tensors by name: memory-mapped safetensors, or a `torch.load(weights_only=True)` dict.
+
+    A safetensors tensor in the dtype asked is a view of the mapped file; one to convert is read from the file into a
+    buffer reused for each, so that neither the pages it came from nor freed copies stay resident beside the result.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -82,6 +98,8 @@ class TensorFile:
             try:
                 self._st = safe_open(str(path), framework="pt")  # reads the header only; tensors stay on disk
                 self._keys = list(self._st.keys())
+                self._offsets = _safetensors_offsets(path)
+                self._buffer = torch.empty(0, dtype=torch.uint8)
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
             self._dict = None
@@ -98,8 +116,30 @@ class TensorFile:
             return tuple(self._st.get_slice(key).get_shape())
         return tuple(self._dict[key].shape)
 
-    def get(self, key: str) -> Tensor:
-        return self._st.get_tensor(key) if self._st is not None else self._dict[key]
+    def get(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
+        """The tensor, converted to `dtype` when given."""
+        if self._st is None:
+            return self._dict[key] if dtype is None else self._dict[key].to(dtype)
+        view = self._st.get_tensor(key)  # maps the file; no page is read until the tensor is
+        if dtype is None or view.dtype == dtype:
+            return view
+        start, end = self._offsets[key]
+        if len(self._buffer) < end - start:  # sized for the largest tensor at once: no smaller ones left behind
+            self._buffer = torch.empty(max(e - s for s, e in self._offsets.values()), dtype=torch.uint8)
+        raw = self._buffer[: end - start]
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            f.readinto(raw.numpy())
+        return raw.view(view.dtype).reshape(view.shape).to(dtype)
+
+
+def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Where each tensor's bytes lie in a safetensors file: after the header's length (8 bytes) and the header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__"}
 
 
 def _first_line(e: BaseException) -> str:
@@ -150,7 +190,7 @@ def convert(tf: TensorFile, keymap: dict[str, str], shapes: dict[str, torch.Size
                 (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", mis_shaped)) if items]
     if problems:
         raise CheckpointError(f"{tf.path}: {what} does not match sdlib's SD v1 model: {'; '.join(problems)}")
-    return {dst: tf.get(src).reshape(shapes[dst]).to(dtype) for src, dst in wanted.items()}
+    return {dst: tf.get(src, dtype).reshape(shapes[dst]) for src, dst in wanted.items()}
 
 
 def _model_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
@@ -271,10 +311,24 @@ def _diffusers_weights(folder: Path) -> TensorFile:
 
 # --- assembling the models -------------------------------------------------------------------------------------------
 
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside put their parameters on the meta device: shapes without memory or random init, for
+    `load_state_dict(assign=True)` to replace. Buffers, which state dicts leave out (the noise schedule, CLIP's
+    position ids), are made as usual. (accelerate's `init_empty_weights`, through torch's registration hook.)"""
+    handle = register_module_parameter_registration_hook(
+        lambda module, name, p: None if p is None else nn.Parameter(p.to("meta"), p.requires_grad))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _build(cfg: SDConfig, prediction: str) -> tuple[LatentDiffusion, AutoencoderKL]:
-    model = LatentDiffusion(unet=cfg.unet, text=cfg.text, diffusion=replace(cfg.diffusion, prediction=prediction),
-                            latent_hw=cfg.latent_hw)
-    return model, AutoencoderKL(cfg.vae)
+    with _parameters_on_meta():
+        model = LatentDiffusion(unet=cfg.unet, text=cfg.text, diffusion=replace(cfg.diffusion, prediction=prediction),
+                                latent_hw=cfg.latent_hw)
+        return model, AutoencoderKL(cfg.vae)
 
 
 def _check_prediction(prediction: str | None) -> None:
@@ -292,7 +346,7 @@ def load_diffusers(root: Path, *, prediction: str | None = None,
                       list(model.unet.state_dict()), "diffusers"), _model_shapes(model.unet), prefix="", what="U-Net",
                       dtype=dtype)
     vae_sd = convert(_diffusers_weights(root / "vae"), expand(vae_blocks(cfg.vae, "diffusers"),
-                     list(vae.state_dict()), "diffusers"), _model_shapes(vae), prefix="", what="VAE", dtype=dtype)
+                     list(vae.state_dict()), "diffusers"), _model_shapes(vae), prefix="", what="VAE", dtype=VAE_DTYPE)
     text_file = _diffusers_weights(root / "text_encoder")
     nested = any(k.startswith("text_model.") for k in text_file.keys())
     text_sd = convert(text_file, text_keymap(list(model.text.state_dict()), nested), _model_shapes(model.text),
@@ -320,9 +374,11 @@ def _refuse_compvis_other_versions(tf: TensorFile) -> None:
 def _check_compvis_schedule(tf: TensorFile, diffusion: DiffusionArgs) -> None:
     if "alphas_cumprod" not in tf.keys():
         return
-    ours = alphas_cumprod(betas(diffusion.beta_schedule, diffusion.num_timesteps)).float()
-    theirs = tf.get("alphas_cumprod").float()
-    if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-4, atol=1e-6):
+    ours = alphas_cumprod(betas(diffusion.beta_schedule, diffusion.num_timesteps))
+    theirs = tf.get("alphas_cumprod")
+    # a float16 file stores the schedule in float16 too: rounded, ours may differ from it by one ulp
+    rtol = max(1e-4, torch.finfo(theirs.dtype).eps) if theirs.is_floating_point() else 1e-4
+    if theirs.shape != ours.shape or not torch.allclose(theirs.double(), ours, rtol=rtol, atol=1e-6):
         raise CheckpointError(f"{tf.path}: alphas_cumprod is not SD v1's scaled_linear schedule "
                               f"({diffusion.num_timesteps} steps, betas 0.00085..0.012)")
 
@@ -357,7 +413,7 @@ def load_compvis(path: Path, *, config: SDConfig = SD_V1, ema: EMA = "ema", pred
     unet_sd = convert(tf, unet_map, _model_shapes(model.unet), prefix=unet_prefix, what="U-Net", ignore=ignore,
                       dtype=dtype)
     vae_sd = convert(tf, expand(vae_blocks(config.vae, "compvis"), list(vae.state_dict()), "compvis"),
-                     _model_shapes(vae), prefix=COMPVIS_PREFIX["vae"], what="VAE", dtype=dtype)
+                     _model_shapes(vae), prefix=COMPVIS_PREFIX["vae"], what="VAE", dtype=VAE_DTYPE)
     nested = any(k.startswith(COMPVIS_PREFIX["text_encoder"] + "text_model.") for k in keys)
     text_map = text_keymap(list(model.text.state_dict()), nested)
     text_sd = convert(tf, text_map, _model_shapes(model.text), prefix=COMPVIS_PREFIX["text_encoder"],
@@ -374,9 +430,10 @@ def load_compvis(path: Path, *, config: SDConfig = SD_V1, ema: EMA = "ema", pred
 
 
 def _load(model: LatentDiffusion, vae: AutoencoderKL, unet_sd: dict, vae_sd: dict, text_sd: dict) -> None:
-    model.unet.load_state_dict(unet_sd, strict=True)
-    model.text.load_state_dict(text_sd, strict=True)
-    vae.load_state_dict(vae_sd, strict=True)
+    """The converted tensors become the parameters (no copy); strict, so no meta parameter is left."""
+    model.unet.load_state_dict(unet_sd, strict=True, assign=True)
+    model.text.load_state_dict(text_sd, strict=True, assign=True)
+    vae.load_state_dict(vae_sd, strict=True, assign=True)
     model.eval(), vae.eval()
 
 
@@ -385,8 +442,11 @@ def load_pretrained(path: str | Path, *, config: SDConfig = SD_V1, ema: EMA = "e
     """A diffusers folder or a CompVis single file -> sdlib's LatentDiffusion, AutoencoderKL and CLIP tokenizer.
 
     `config` is the architecture of a single file (a folder's config files give its own); `prediction` (eps or v)
-    overrides the scheduler config's prediction_type.
+    overrides the scheduler config's prediction_type. `dtype` (one of DTYPES) is the U-Net's and the text encoder's;
+    the VAE's is VAE_DTYPE.
     """
+    if dtype not in DTYPES.values():
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     path = Path(path)
     if path.is_dir():
         sd = load_diffusers(path, prediction=prediction, dtype=dtype)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import get_args
 
 from sdlib.errors import ConfigError
-from sdlib.pretrained.load import EMA, PREDICTIONS
+from sdlib.pretrained.load import DTYPES, EMA, PREDICTIONS
 from sdlib.pretrained.sd_v1 import ARCHITECTURES
 
 WEIGHTS: tuple[str, ...] = get_args(EMA)  # the U-Net weights of a single file holding both
@@ -35,7 +35,7 @@ def check_source(pretrained: Path | None, trained: dict[str, object], sd_options
 def check_read_options(pretrained: Path | None, trained: dict[str, object], sd_options: dict[str, object]) -> None:
     """`check_source`, then SD's options against the checkpoint's kind (folder or file) and their choices.
 
-    `sd_options` maps `--architecture`, `--weights` and `--prediction` to their values (None: not set).
+    `sd_options` maps `--architecture`, `--weights`, `--prediction` and `--dtype` to their values (None: not set).
     """
     check_source(pretrained, trained, sd_options)
     if pretrained is None:
@@ -46,8 +46,8 @@ def check_read_options(pretrained: Path | None, trained: dict[str, object], sd_o
                 raise ConfigError(f"{k} applies to a single-file checkpoint; {pretrained} is a diffusers folder, "
                                   "whose config files give the architecture and its one set of weights")
     for k, choices in (("--architecture", tuple(ARCHITECTURES)), ("--weights", WEIGHTS),
-                       ("--prediction", PREDICTION_TYPES)):
-        if sd_options[k] is not None:
+                       ("--prediction", PREDICTION_TYPES), ("--dtype", tuple(DTYPES))):
+        if sd_options.get(k) is not None:
             check_choice(k, sd_options[k], choices)
 
 
