@@ -3,7 +3,6 @@
 Every rank draws the randomness of the whole global batch from the step generator and keeps its slice, and DDP
 averages the gradients, so two processes on the same global batch end at the weights of one, up to rounding.
 """
-import math
 import os
 import socket
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tolerances import rounding_tol
 from torch import multiprocessing as mp
 from torch import nn
 
@@ -39,21 +39,7 @@ from sdlib.training.loop import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-EPS32 = torch.finfo(torch.float32).eps  # 2^-23, the relative rounding of one float32 operation
 BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2^-7: bf16 keeps 8 significant bits
-
-
-def rounding_tol(steps: int, terms: int) -> float:
-    """Allowed max |a - b| / max |a| between two float32 trainings that differ only in summation order.
-
-    Processes, ISA paths (AVX-512 or AVX2) and fused kernels split and order sums differently. Summed in another order,
-    `terms` float32 numbers change by about eps * sqrt(terms) of their magnitude (rounding errors as a random walk,
-    Higham 2002, sec. 4.2), so each step moves a weight (or the loss) by about that much of its scale; after `steps`
-    steps the changes are at most their sum. A machine-independent bound instead of one run's measured difference
-    times a margin (1e-5 failed at 1.21e-5 on an AVX2-only machine).
-    """
-    return EPS32 * math.sqrt(terms) * steps
-
 
 X = torch.linspace(-1, 1, 40)[:, None]
 Y = 3 * X + 0.5

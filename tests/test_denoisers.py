@@ -47,6 +47,7 @@ def test_eps_denoiser_recovers_x0_from_the_true_noise():
     x = x0 + sigma[:, None, None, None] * eps
     net = Recorder(eps)
     d = Denoiser(net, AC, "eps")
+    # float64 throughout: a few roundings (2^-53 relative) of |x| <= 45 are ~1e-14
     torch.testing.assert_close(d(x, sigma), x0, rtol=0, atol=1e-12)
     x_in, t, _ = net.calls[0]
     torch.testing.assert_close(x_in, x / (sigma[:, None, None, None] ** 2 + 1).sqrt())  # c_in x = x_VP
@@ -59,6 +60,7 @@ def test_v_denoiser_round_trip():
     ab = (1 / (sigma**2 + 1))[:, None, None, None]
     v = ab.sqrt() * eps - (1 - ab).sqrt() * x0  # Salimans & Ho 2022
     x_vp = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    # float64, as for eps above
     torch.testing.assert_close(Denoiser(Recorder(v), AC, "v")(x_vp / ab.sqrt(), sigma), x0, rtol=0, atol=1e-12)
 
 
@@ -84,6 +86,7 @@ def _true_output_net(x0: torch.Tensor, prediction: str):
 def test_loss_of_the_true_target_is_zero(prediction):
     x0, _ = _images(3, b=8)
     d = Denoiser(_true_output_net(x0, prediction), AC, prediction)
+    # float64: the net reads eps back to ~2^-52 |x| / sigma_min ~ 1e-14, so the mean square is ~1e-28
     assert d.loss(x0, None, torch.Generator().manual_seed(0)).item() < 1e-20
 
 
@@ -98,7 +101,7 @@ def test_loss_is_the_mse_to_eps_or_v_drawn_from_the_generator(prediction):
     eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
     ab = AC[t][:, None, None, None]
     target = eps if prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
-    assert loss.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-10)
+    assert loss.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-10)  # float64 means of 256 terms
     x_in, t_in, context = net.calls[0]
     assert torch.equal(t_in, t.double()) and context == "ctx"
     torch.testing.assert_close(x_in, ab.sqrt() * x0 + (1 - ab).sqrt() * eps)  # the DDPM x_t (Ho et al. eq. 4)

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from tolerances import forward_tol, rounding_tol
 
 from sdlib.errors import DataError
 from sdlib.evaluation.scoring import mean_and_spread, seed_sets
@@ -29,7 +30,9 @@ def test_mean_and_spread():
 
 def test_reconstruction_psnr_is_analytic():
     x = torch.zeros(2, 1, 4, 4)
-    assert reconstruction_psnr(x, x + 0.02) == pytest.approx(10 * math.log10(4 / 0.02 ** 2), rel=1e-5)
+    # float32 roundings: 0.02, its square, the mean over 16 pixels, 4 / mse, log10, x 10 and the mean over images
+    tol = rounding_tol(steps=7, terms=16)
+    assert reconstruction_psnr(x, x + 0.02) == pytest.approx(10 * math.log10(4 / 0.02 ** 2), rel=tol)
 
 
 def test_reconstruct_keeps_shape_range_and_is_batch_invariant():
@@ -38,4 +41,4 @@ def test_reconstruct_keeps_shape_range_and_is_batch_invariant():
     x = torch.rand(5, 1, 16, 16) * 2 - 1
     recon = reconstruct(vae, x, batch_size=2)
     assert recon.shape == x.shape and recon.abs().max() <= 1
-    assert torch.allclose(recon, reconstruct(vae, x, batch_size=5), atol=1e-6)
+    assert (recon - reconstruct(vae, x, batch_size=5)).abs().max() <= forward_tol(recon, vae)  # other kernels

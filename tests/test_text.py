@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from tolerances import forward_tol
 from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer
 
 from sdlib.io import load_weights, save_weights
@@ -102,7 +103,7 @@ def test_encoder_shape_and_prompt_sensitivity(tok):
     assert out.shape == (3, TINY.max_length, 32) and torch.isfinite(out).all()
     assert not torch.allclose(out[0], out[1], atol=1e-4)  # different prompts, different context
     # Causal attention: the start token's state cannot depend on the prompt after it.
-    torch.testing.assert_close(out[0, 0], out[1, 0])
+    assert (out[0, 0] - out[1, 0]).abs().max() <= forward_tol(out[:2, 0], enc)
     with pytest.raises(ValueError, match="max_length"):
         enc(torch.full((1, TINY.max_length + 1), EOS))
 
@@ -113,7 +114,7 @@ def test_padding_length_does_not_change_prompt_states(tok):
     with torch.no_grad():
         short = enc(tokenize(tok, ["a cat"], max_length=6))
         full = enc(tokenize(tok, ["a cat"], max_length=16))
-    torch.testing.assert_close(short, full[:, :6])
+    assert (short - full[:, :6]).abs().max() <= forward_tol(full[:, :6], enc)  # the same sums over fewer keys
 
 
 def test_gradients_reach_the_encoder(tok):
@@ -162,7 +163,7 @@ def test_pretrained_bert_folder(tmp_path):
     out = enc(ids)
     assert out.shape == (3, 10, 24) and not out.requires_grad
     # Pads are masked out, so padding length does not change the prompt's states.
-    torch.testing.assert_close(enc(tokenize(tok, ["8 cats"], max_length=5)), out[1:2, :5], rtol=1e-5, atol=1e-5)
+    assert (enc(tokenize(tok, ["8 cats"], max_length=5)) - out[1:2, :5]).abs().max() <= forward_tol(out[1:2, :5], enc)
 
 
 def test_pretrained_from_installed_package(tmp_path, monkeypatch):

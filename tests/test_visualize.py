@@ -1,6 +1,7 @@
 """Visualisations and generation on a tiny untrained model: files appear, attention maps are distributions."""
 import pytest
 import torch
+from tolerances import forward_tol, rounding_tol
 
 from sdlib.evaluation.visualize import attention_figure, attention_maps, forward_figure, reverse_figure
 from sdlib.generate import Prompts, generate
@@ -26,17 +27,24 @@ def tiny(tmp_path_factory):
 
 def test_generate_shapes_and_seed_invariance(tiny):
     model, vae, prompts = tiny
-    both = generate(model, vae, prompts, ["8", "3"], [5, 6], sampler="ddim", steps=3)
-    alone = generate(model, vae, prompts, ["3"], [6], sampler="ddim", steps=3)
+    both = generate(model, vae, prompts, ["8", "3"], [5, 6], sampler="ddim", steps=3, guidance=3.0)
+    alone = generate(model, vae, prompts, ["3"], [6], sampler="ddim", steps=3, guidance=3.0)
     assert both.shape == (2, 1, 8, 8) and both.abs().max() <= 1.0
-    assert torch.allclose(both[1], alone[0], atol=1e-5)  # image i with seed s does not depend on its batch
+    # image i with seed s does not depend on its batch, up to rounding: after the text encoder, 3 DDIM steps (convex
+    # combinations of x and the denoised x0_u + 3 (x0_c - x0_u), which weighs the U-Net's rounding by |1 - 3| + 3 = 5)
+    # and the VAE's decoder
+    tol = forward_tol(both[1], model.text, *[model.unet] * (3 * 5), vae.decoder)
+    assert (both[1] - alone[0]).abs().max() <= tol
 
 
 def test_attention_maps_are_distributions_over_tokens(tiny):
     model, vae, prompts = tiny
     image, maps = attention_maps(model, vae, prompts, "a handwritten 8", steps=3)
     assert image.shape == (1, 8, 8) and maps.shape == (8, 8, 8)  # (tokens, H, W)
-    assert torch.allclose(maps.sum(0), torch.ones(8, 8), atol=1e-4)
+    # float32 sums: the softmax's over 8 tokens, the mean over heads, the bilinear upsampling, the total over 3 steps x
+    # the cross-attention layers (the most terms), its mean, and this sum over tokens
+    count = 3 * len(model.unet.attention_modules())
+    assert (maps.sum(0) - 1).abs().max() <= rounding_tol(steps=6, terms=count)
     assert all(m.maps is None and not m.store_maps for m in model.unet.attention_modules())
 
 
