@@ -78,14 +78,15 @@ def committed_params() -> dict[str, object]:
     return flat_params(raw) if isinstance(raw, dict) else {}
 
 
-def flat_params(raw: dict) -> dict[str, object]:
-    """params.yaml sections flattened as logged: {"unet": {"lr": ..}, "epochs": ..} -> {"unet.lr": .., "epochs": ..}."""
+def flat_params(raw: dict, prefix: str = "") -> dict[str, object]:
+    """params.yaml sections flattened as logged: {"unet": {"lr": ..}, "epochs": ..} -> {"unet.lr": .., "epochs": ..};
+    nested sections (pretrained.sample) are dotted too, as `config.flatten` does."""
     flat: dict[str, object] = {}
-    for section, values in raw.items():
-        if isinstance(values, dict):
-            flat |= {f"{section}.{k}": v for k, v in values.items()}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat |= flat_params(value, f"{prefix}{key}.")
         else:
-            flat[section] = values
+            flat[prefix + key] = value
     return flat
 
 
