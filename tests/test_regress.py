@@ -2,10 +2,11 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from sdlib.evaluation.regress import regressions
+from sdlib.evaluation.regress import regressions, spread_over_runs
 
 # the default run's reports/metrics.json (2026-11-26): each metric with its spread over 3 seed sets of 500 samples
 BASE = {"fid": 1.2643, "fid_std": 0.040876, "kid": 0.001613, "kid_std": 0.00053315, "cond_acc": 0.99667,
@@ -106,3 +107,34 @@ def test_cli_missing_baseline_is_one_line(tmp_path):
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "error: --baseline: no reports/metrics.json at git revision 'no-such-rev' (nor 'origin/no-such-rev'), and no such "
         "file"]
+
+
+# --- measured: whole runs of the default recipe (reports/training_spread.json, written by bench/seed_spread.py) ----
+
+MEASURED = json.loads((Path(__file__).resolve().parents[1] / "reports" / "training_spread.json").read_text())
+
+
+@pytest.mark.parametrize("run", sorted(set(MEASURED["runs"]) - {"seed0"}))
+def test_another_training_run_passes_the_gate(run):
+    """Each run that is not the baseline (another training seed; the same seed on AVX2 kernels) passes against it,
+    with the spread measured on the *other* runs only, so that no run is let through by its own deviation."""
+    runs = MEASURED["runs"]
+    others = {name: metrics for name, metrics in runs.items() if name != run}
+    assert regressed(runs[run], runs["seed0"], training=spread_over_runs(others)) == []
+
+
+def test_the_committed_spread_is_over_the_committed_runs():
+    recomputed = spread_over_runs(MEASURED["runs"])
+    assert recomputed.keys() == MEASURED["spread"].keys()
+    for name, stats in recomputed.items():
+        assert MEASURED["spread"][name] == pytest.approx(stats, rel=1e-12), name  # JSON keeps doubles exactly
+    assert {s["n"] for s in MEASURED["spread"].values()} == {len(MEASURED["runs"])} and len(MEASURED["runs"]) >= 3
+
+
+def test_planted_regressions_are_still_caught_with_the_training_spread():
+    """The gate widened by the measured spread over training runs still fails a U-Net trained for one epoch (measured
+    above), and a FID 25% worse than the baseline's."""
+    base, spread = MEASURED["runs"]["seed0"], MEASURED["spread"]
+    one_epoch = {"fid": 50.371, "kid": 1.2006, "cond_acc": 0.1, "precision": 0.34467, "recall": 0.029333}
+    assert regressed({**base, **one_epoch}, base, training=spread) == ["fid", "kid", "cond_acc", "precision", "recall"]
+    assert regressed({**base, "fid": base["fid"] * 1.25}, base, training=spread) == ["fid"]
