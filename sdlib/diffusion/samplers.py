@@ -245,6 +245,15 @@ def sample_pndm(denoiser: Denoise, x: Tensor, sigmas: Tensor, *, rng: ImageRNG |
     return x
 
 
+def _data_2m(denoised: Tensor, denoised_prev: Tensor | None, h: Tensor, h_prev: Tensor | None) -> Tensor:
+    """DPM-Solver++(2M)'s data term D_i = (1 + 1/(2r)) D0 - 1/(2r) D_prev, r = h_{i-1}/h_i; D0 on the first step
+    (DPM-Solver++1, i.e. DDIM)."""
+    if denoised_prev is None:
+        return denoised
+    r = h_prev / h  # r_i = h_{i-1} / h_i
+    return (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * denoised_prev
+
+
 @torch.no_grad()
 def sample_dpmpp_2m(denoiser: Denoise, x: Tensor, sigmas: Tensor, *, rng: ImageRNG | None = None,
                     callback: Callback | None = None) -> Tensor:
@@ -258,11 +267,7 @@ def sample_dpmpp_2m(denoiser: Denoise, x: Tensor, sigmas: Tensor, *, rng: ImageR
             x = denoised  # the first-order step to lambda = inf
         else:
             h = sigma.log() - sigma_next.log()  # h_i = lambda_{t_i} - lambda_{t_{i-1}}
-            if denoised_prev is None:
-                D = denoised  # first step: DPM-Solver++1, i.e. DDIM
-            else:
-                r = h_prev / h  # r_i = h_{i-1} / h_i
-                D = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * denoised_prev
+            D = _data_2m(denoised, denoised_prev, h, h_prev)
             x = (sigma_next / sigma) * x - torch.expm1(-h) * D  # x_i = sigma_i/sigma_{i-1} x_{i-1} - (e^{-h_i} - 1) D_i
             h_prev = h
         denoised_prev = denoised
@@ -283,11 +288,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoise, x: Tensor, sigmas: Tensor, *, rng: Im
             x = denoised  # the first-order step to lambda = inf, where the noise term vanishes with sigma_t
         else:
             h = sigma.log() - sigma_next.log()  # h = lambda_t - lambda_s with lambda = -log sigma
-            if denoised_prev is None:
-                D = denoised  # first step: SDE-DPM-Solver++1
-            else:  # D0 + D1 / 2 with D1 = (D0 - D_prev) / r, the data term of DPM-Solver++(2M) ("midpoint")
-                r = h_prev / h
-                D = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * denoised_prev
+            D = _data_2m(denoised, denoised_prev, h, h_prev)  # shared with the ODE solver (midpoint form)
             # The reverse diffusion SDE in lambda, solved exactly with the data prediction held at D, at alpha = 1:
             # x_t = sigma_t/sigma_s e^{-h} x_s + (1 - e^{-2h}) D + sigma_t sqrt(1 - e^{-2h}) z, and e^{-h} is
             # sigma_t/sigma_s in VE coordinates: the first-order step is DDPM's posterior (see sample_ddpm).
