@@ -101,6 +101,9 @@ class UNetConfig(_TrainingLoop):
     lr: float = Field(1e-3, gt=0.0)
     cond_drop: float = Field(0.1, ge=0.0, lt=1.0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    min_snr_gamma: float = Field(0.0, ge=0.0)  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: DDPM's simple loss
+    timesteps: Literal["uniform", "lognormal"] = "uniform"  # how training draws t (lognormal: in sigma, as EDM)
+    warmup: int = Field(200, ge=0)  # learning-rate warm-up steps (at most a tenth of the run), then cosine decay
 
     @field_validator("attention_levels")
     @classmethod

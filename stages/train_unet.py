@@ -17,11 +17,10 @@ from sdlib.data.latents import load_latents
 from sdlib.data.splits import load_split
 from sdlib.errors import DataError
 from sdlib.io import atomic_dir, fingerprint, write_csv, write_json
-from sdlib.ldm import DiffusionArgs, LatentDiffusion, save_ldm
-from sdlib.models.text import TextEncoderArgs, load_tokenizer, tokenize, write_clip_tokenizer_files
-from sdlib.models.unet import UNetArgs
-from sdlib.training.latent_diffusion import LatentDiffusionLoss, caption_table
-from sdlib.training.loop import EMA, Batches, Checkpointer, adamw, distributed, fast_path, fit, steps_for, warmup_cosine
+from sdlib.ldm import save_ldm
+from sdlib.models.text import write_clip_tokenizer_files
+from sdlib.training.latent_diffusion import unet_training
+from sdlib.training.loop import Checkpointer, distributed, fit
 
 app = typer.Typer(add_completion=False)
 
@@ -50,35 +49,19 @@ def main(
         split = load_split(data, "train")
         if len(split) != len(lat):
             raise DataError(f"{latents} holds {len(lat)} latents but {data} {len(split)} images; re-run encode_latents")
-        unique, table, counts = caption_table(split.captions)
-        n, bs = len(lat), cfg.batch_size
-
         with distributed(pick_device(device)) as (dist, dev), tempfile.TemporaryDirectory() as scratch:
-            dist.check_batch(bs, n, "unet.batch_size")
-            torch.manual_seed(seed)  # parameter initialisation only; the loop uses its own per-step generators
-            text_args = config.args_from(text_cfg, TextEncoderArgs)
-            unet_args = config.args_from(cfg, UNetArgs, in_channels=lat.mean.shape[1], context_dim=text_args.hidden_size)
-            diffusion = config.args_from(cfg, DiffusionArgs, scale_factor=lat.scale_factor)
-            model = LatentDiffusion(unet=unet_args, text=text_args, diffusion=diffusion,
-                                    latent_hw=tuple(lat.mean.shape[2:])).to(dev)
-            amp = fast_path([model.unet], dev, cfg.precision, cfg.compile, cfg.compile_mode)
             tokenizer_dir = write_clip_tokenizer_files(Path(scratch) / "tokenizer")
-            caption_ids = tokenize(load_tokenizer(tokenizer_dir, text_args.max_length), unique,
-                                   text_args.max_length).to(dev)
-            loss_fn = LatentDiffusionLoss(model, lat, caption_ids, table, counts, batches=Batches(n, bs, seed, dev),
-                                          cond_drop=cfg.cond_drop, dist=dist)
-            optimizer = adamw(model.parameters(), cfg.lr, dev)
-            total = steps_for(n, bs, epochs)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup=min(200, total // 10)))
-            ema = EMA(model, cfg.ema_decay)
+            run = unet_training(cfg, text_cfg, epochs=epochs, seed=seed, latents=lat, captions=split.captions,
+                                tokenizer_dir=tokenizer_dir, device=dev, dist=dist)
+            model, ema, total = run.model, run.ema, run.total_steps
             run_params = config.flatten({"unet": cfg, "text": text_cfg, "epochs": epochs, "seed": seed})
             ckpt = Checkpointer(checkpoint, fingerprint(run_params, files=(latents / "train.safetensors",)))
             with tracking.stage_run("train_unet", run_params) if dist.is_main else contextlib.nullcontext():
-                history = fit(model=model, loss_fn=loss_fn, optimizer=optimizer, total_steps=total,
-                              steps_per_epoch=max(n // bs, 1), seed=seed, device=dev, checkpointer=ckpt,
-                              checkpoint_every=cfg.checkpoint_every, ema=ema, scheduler=scheduler,
+                history = fit(model=model, loss_fn=run.loss_fn, optimizer=run.optimizer, total_steps=total,
+                              steps_per_epoch=run.steps_per_epoch, seed=seed, device=dev, checkpointer=ckpt,
+                              checkpoint_every=cfg.checkpoint_every, ema=ema, scheduler=run.scheduler,
                               on_epoch=lambda row: tracking.log_metrics(row, step=row["epoch"]), desc="train_unet",
-                              dist=dist, log_every=cfg.log_every, autocast=amp)
+                              dist=dist, log_every=cfg.log_every, autocast=run.autocast)
                 if not dist.is_main:  # rank 0 alone writes the outputs
                     return
                 ema.copy_to(model)

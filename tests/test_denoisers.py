@@ -107,6 +107,25 @@ def test_loss_is_the_mse_to_eps_or_v_drawn_from_the_generator(prediction):
     torch.testing.assert_close(x_in, ab.sqrt() * x0 + (1 - ab).sqrt() * eps)  # the DDPM x_t (Ho et al. eq. 4)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights_each_image_by_min_snr_gamma_over_its_target_snr(prediction):
+    """Min-SNR-gamma (Hang et al. 2023): the x0 error weighted by min(SNR, gamma), i.e. the eps error by
+    min(SNR, gamma) / SNR and the v error by min(SNR, gamma) / (SNR + 1); SNR = alpha_bar / (1 - alpha_bar)."""
+    x0, eps = _images(6, b=4)
+    t = torch.tensor([0, 300, 700, 999])  # SNR from about 1,000 down to 0.005: both sides of gamma = 5
+    d = Denoiser(Recorder(), AC, prediction)
+    plain = torch.stack([d.loss(x0[i:i + 1], None, t=t[i:i + 1], eps=eps[i:i + 1]) for i in range(4)])  # (4,)
+    snr = AC[t] / (1 - AC[t])
+    weight = snr.clamp(max=5.0) / (snr if prediction == "eps" else snr + 1)
+    weighted = d.loss(x0, None, t=t, eps=eps, min_snr_gamma=5.0)
+    assert weighted.item() == pytest.approx((weight * plain).mean().item(), rel=1e-10)
+    assert weight[0] < 0.01  # the nearly clean image's weight is cut by gamma / SNR
+    if prediction == "eps":  # below gamma the eps loss is as it was; gamma above every SNR leaves it all as it is
+        assert weight[2:].tolist() == [1.0, 1.0]
+        assert d.loss(x0, None, t=t, eps=eps, min_snr_gamma=1e9).item() == pytest.approx(plain.mean().item(),
+                                                                                           rel=1e-12)
+
+
 def test_loss_trains_the_net_and_schedule_stays_out_of_the_state_dict():
     net = nn.Conv2d(2, 2, 1)
     d = Denoiser(lambda x_in, t, context: net(x_in), AC.float(), "eps")

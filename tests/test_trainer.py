@@ -193,3 +193,23 @@ def test_a_training_error_is_one_line_for_the_user(capsys):
             raise TrainingError("non-finite loss (nan) at step 7; the last good checkpoint is kept at ckpt.pt")
     assert exit_info.value.exit_code == 2
     assert capsys.readouterr().err == "error: non-finite loss (nan) at step 7; the last good checkpoint is kept at ckpt.pt\n"
+
+
+def test_lognormal_timesteps_follow_ln_sigma_normal_and_uniform_keeps_ddpms_draws():
+    from sdlib.diffusion.denoisers import Denoiser
+    from sdlib.diffusion.schedules import alphas_cumprod, betas
+    from sdlib.training.latent_diffusion import LOGNORMAL, draw_timesteps
+
+    d = Denoiser(lambda x, t, c: x, alphas_cumprod(betas("scaled_linear", 1000)).float())
+    t = draw_timesteps(d, "lognormal", 20_000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= 999
+    # scaled_linear's sigmas span [0.029, 14.6], ln in [-3.5, 2.7]: about 1% of N(-0.5, 1.2) is clamped, so the
+    # median and the quartiles (ln sigma = mean -+ 0.674 std) are those of the normal up to the rounding to t
+    ln_sigma = d.train_sigmas[t].log()
+    mean, std = LOGNORMAL
+    q = torch.quantile(ln_sigma, torch.tensor([0.25, 0.5, 0.75]))
+    torch.testing.assert_close(q, torch.tensor([mean - 0.674 * std, mean, mean + 0.674 * std]), atol=0.05, rtol=0)
+    # uniform is DDPM's randint, the same draws as before the option existed
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(draw_timesteps(d, "uniform", 64, g, torch.device("cpu")),
+                       torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))

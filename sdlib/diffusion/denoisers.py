@@ -85,10 +85,13 @@ class Denoiser(nn.Module):
         return c_skip * x + c_out * self.net(c_in * x, t, context)
 
     def loss(self, x0: Tensor, context: Tensor | None = None, generator: torch.Generator | None = None, *,
-             t: Tensor | None = None, eps: Tensor | None = None) -> Tensor:
+             t: Tensor | None = None, eps: Tensor | None = None, min_snr_gamma: float = 0.0) -> Tensor:
         """DDPM's simple loss (Ho et al. 2020, Alg. 1 / eq. 14) with t ~ U{0..T-1}, eps ~ N(0, I) from `generator`.
 
         `t` (B,) and `eps` (B, ...) may be given instead, e.g. a data-parallel rank's slice of the global draws.
+        `min_snr_gamma` > 0 weights each sample by Min-SNR-gamma (Hang et al. 2023): its loss counts as
+        min(SNR, gamma) times the x0 error, SNR = 1 / sigma^2; the eps error is SNR times the x0 error, the v error
+        (SNR + 1) times, so the weight is min(SNR, gamma) / SNR or / (SNR + 1).
         """
         if t is None:
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)  # (B,)
@@ -99,4 +102,9 @@ class Denoiser(nn.Module):
         x = x0 + append_dims(sigma, x0.ndim) * eps  # x_t in VE coordinates (Ho et al. 2020, eq. 4, divided by sqrt(ab))
         # Karras et al. 2022, Table 1: the effective target of F; it equals eps, or v = c_in (eps - sigma x0)
         target = (x0 - c_skip * x) / c_out
-        return (self.net(c_in * x, t.to(x0.dtype), context) - target).pow(2).mean()
+        err = (self.net(c_in * x, t.to(x0.dtype), context) - target).pow(2)
+        if not min_snr_gamma:
+            return err.mean()
+        snr = sigma.pow(-2)
+        weight = snr.clamp(max=min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)  # (B,)
+        return (err.flatten(1).mean(1) * weight).mean()

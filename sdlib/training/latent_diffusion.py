@@ -5,11 +5,20 @@ slice is kept, so N data-parallel processes compute what one process would.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
 import torch
 
+from sdlib import config
+from sdlib.config import TextConfig, UNetConfig
 from sdlib.data.latents import Latents
-from sdlib.ldm import LatentDiffusion
-from sdlib.training.loop import Batches, Dist
+from sdlib.diffusion.denoisers import Denoiser
+from sdlib.ldm import DiffusionArgs, LatentDiffusion
+from sdlib.models.text import TextEncoderArgs, load_tokenizer, tokenize
+from sdlib.models.unet import UNetArgs
+from sdlib.training.loop import EMA, Batches, Dist, adamw, fast_path, steps_for, warmup_cosine
 
 
 def caption_table(captions: list[list[str]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -24,6 +33,21 @@ def caption_table(captions: list[list[str]]) -> tuple[list[str], torch.Tensor, t
     return unique, table, counts
 
 
+TimestepSampling = Literal["uniform", "lognormal"]
+LOGNORMAL = (-0.5, 1.2)  # (mean, std) of ln sigma: EDM's P_mean = -1.2, P_std = 1.2 for sigma_data 0.5, moved to 1
+
+
+def draw_timesteps(denoiser: Denoiser, how: TimestepSampling, b: int, gen: torch.Generator,
+                   device: torch.device) -> torch.Tensor:
+    """(b,) training timesteps: uniform over 0..T-1 (DDPM), or `lognormal`: ln sigma ~ N(LOGNORMAL) as in Karras
+    et al. 2022, each sigma rounded to its nearest training timestep (log-sigma interpolation, clamped to 0..T-1)."""
+    if how == "uniform":
+        return torch.randint(0, denoiser.num_timesteps, (b,), generator=gen, device=device)
+    mean, std = LOGNORMAL
+    sigma = (mean + std * torch.randn(b, generator=gen, device=device)).exp()
+    return denoiser.sigma_to_t(sigma).round().long()
+
+
 class LatentDiffusionLoss:
     """LDM's objective (Rombach et al. 2022, eq. 2) for the U-Net and text encoder trained jointly.
 
@@ -33,9 +57,11 @@ class LatentDiffusionLoss:
     """
 
     def __init__(self, model: LatentDiffusion, latents: Latents, caption_ids: torch.Tensor, table: torch.Tensor,
-                 counts: torch.Tensor, *, batches: Batches, cond_drop: float, dist: Dist = Dist()):
+                 counts: torch.Tensor, *, batches: Batches, cond_drop: float, dist: Dist = Dist(),
+                 min_snr_gamma: float = 0.0, timesteps: TimestepSampling = "uniform"):
         device = caption_ids.device
         self.model, self.batches, self.cond_drop, self.dist = model, batches, cond_drop, dist
+        self.min_snr_gamma, self.timesteps = min_snr_gamma, timesteps
         self.mean, self.std = latents.mean.to(device), latents.std.to(device)  # the whole data set on the device
         self.scale_factor = latents.scale_factor
         self.caption_ids, self.table, self.counts = caption_ids, table.to(device), counts.to(device)
@@ -48,7 +74,7 @@ class LatentDiffusionLoss:
         noise = torch.randn((b, *shape), generator=gen, device=dev)
         pick = torch.rand(b, generator=gen, device=dev)
         drop = torch.rand(b, generator=gen, device=dev) < self.cond_drop
-        t = torch.randint(0, self.model.denoiser.num_timesteps, (b,), generator=gen, device=dev)
+        t = draw_timesteps(self.model.denoiser, self.timesteps, b, gen, dev)
         eps = torch.randn((b, *shape), generator=gen, device=dev)
         idx, noise, pick, drop, t, eps = (shard(v) for v in (idx, noise, pick, drop, t, eps))
         z0 = (self.mean[idx] + self.std[idx] * noise) * self.scale_factor  # a posterior sample, at unit variance
@@ -62,4 +88,46 @@ class LatentDiffusionLoss:
             # accumulate) adds rows with atomics across threads in a run-dependent order, index_add_ in batch order
             context = self.model.encode_text(self.caption_ids[uniq]).index_select(0, inverse)  # (B, L, D)
         z0, eps = z0.contiguous(memory_format=self.fmt), eps.contiguous(memory_format=self.fmt)
-        return self.model.denoiser.loss(z0, context, t=t, eps=eps), {}
+        return self.model.denoiser.loss(z0, context, t=t, eps=eps, min_snr_gamma=self.min_snr_gamma), {}
+
+
+@dataclass
+class UNetTraining:
+    """What `fit` needs to train the U-Net and its text encoder: the `train_unet` stage and `bench/recipes.py` build
+    it with `unet_training`, so the benchmark trains exactly what the pipeline trains."""
+
+    model: LatentDiffusion
+    loss_fn: LatentDiffusionLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA
+    total_steps: int
+    steps_per_epoch: int
+    autocast: torch.dtype | None
+
+
+def unet_training(cfg: UNetConfig, text_cfg: TextConfig, *, epochs: int, seed: int, latents: Latents,
+                  captions: list[list[str]], tokenizer_dir: Path, device: torch.device,
+                  dist: Dist = Dist()) -> UNetTraining:
+    """Model (initialised from `seed`), objective, AdamW, warm-up + cosine LR and EMA for `epochs` over `latents`,
+    whose image i has the captions `captions[i]`; the captions are tokenized once with the tokenizer in
+    `tokenizer_dir`."""
+    unique, table, counts = caption_table(captions)
+    n, bs = len(latents), cfg.batch_size
+    dist.check_batch(bs, n, "unet.batch_size")
+    torch.manual_seed(seed)  # parameter initialisation only; the loop uses its own per-step generators
+    text_args = config.args_from(text_cfg, TextEncoderArgs)
+    unet_args = config.args_from(cfg, UNetArgs, in_channels=latents.mean.shape[1], context_dim=text_args.hidden_size)
+    diffusion = config.args_from(cfg, DiffusionArgs, scale_factor=latents.scale_factor)
+    model = LatentDiffusion(unet=unet_args, text=text_args, diffusion=diffusion,
+                            latent_hw=tuple(latents.mean.shape[2:])).to(device)
+    amp = fast_path([model.unet], device, cfg.precision, cfg.compile, cfg.compile_mode)
+    caption_ids = tokenize(load_tokenizer(tokenizer_dir, text_args.max_length), unique,
+                           text_args.max_length).to(device)
+    loss_fn = LatentDiffusionLoss(model, latents, caption_ids, table, counts, batches=Batches(n, bs, seed, device),
+                                  cond_drop=cfg.cond_drop, dist=dist, min_snr_gamma=cfg.min_snr_gamma,
+                                  timesteps=cfg.timesteps)
+    optimizer = adamw(model.parameters(), cfg.lr, device)
+    total = steps_for(n, bs, epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup=min(cfg.warmup, total // 10)))
+    return UNetTraining(model, loss_fn, optimizer, scheduler, EMA(model, cfg.ema_decay), total, max(n // bs, 1), amp)

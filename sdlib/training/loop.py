@@ -275,13 +275,15 @@ def fit(
     dist: Dist = Dist(),
     log_every: int = 50,
     autocast: torch.dtype | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> History:
     """Run `total_steps` optimiser steps of `loss_fn(step, generator) -> (loss, logs)`, resuming if possible.
 
     `loss_fn` computes this rank's share of the global batch; `logs` are extra scalar tensors for the history.
     Values stay on the device and are read (averaged over ranks, checked for non-finite values) every `log_every`
     steps, at epoch ends and before each checkpoint, which is saved by rank 0 only and never with non-finite weights.
-    `on_epoch` runs on rank 0 only; `autocast` runs `loss_fn` under torch.autocast with that dtype.
+    `on_epoch` runs on rank 0 only, as does `on_step(done)` after every step (e.g. an evaluation every N steps);
+    `autocast` runs `loss_fn` under torch.autocast with that dtype.
     """
     history = History()
     start = 0
@@ -360,6 +362,8 @@ def fit(
                 on_epoch(row)
         if checkpoint:
             save(done)
+        if on_step is not None and dist.is_main:
+            on_step(done)
     bar.close()
     check_weights(total_steps)
     return history
