@@ -183,3 +183,33 @@ def test_sigkill_then_resume_is_bit_identical(project, tmp_path):
     cut = load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert ref.keys() == cut.keys() and all((ref[k] == cut[k]).all() for k in ref)
     (project / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+
+
+def test_recipes_bench_trains_and_scores_what_the_pipeline_does(project, tmp_path):
+    """bench/recipes.py's `default` recipe (the workspace's params) retrains the U-Net as train_unet does and scores it
+    as sample + evaluate do: its final row is the pipeline's metrics.json, and its earlier rows score one seed set."""
+    if not (project / "reports/metrics.json").exists():
+        run(["dvc", "repro"], project)
+    out = run([sys.executable, "bench/recipes.py", "--workspace", str(project), "--out", str(tmp_path),
+               "--recipe", "default", "--every", "100"], REPO)
+    rows = [json.loads(line) for line in (tmp_path / "default.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [100, 200, 280] and [r["final"] for r in rows] == [False, False, True]
+    assert [r["n_seed_sets"] for r in rows] == [1, 1, 3] and rows[0]["n_samples"] == 20  # 10 of each prompt's 30
+    assert rows[0]["tflops"] * 2 == pytest.approx(rows[1]["tflops"], rel=1e-3) and rows[-1]["train_s"] > 0
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    for key in ("fid", "fid_std", "kid", "precision", "recall", "cond_acc", "fid_floor"):
+        assert rows[-1][key] == pytest.approx(metrics[key], rel=2e-4, abs=1e-5), key  # metrics.json: 5 digits
+    assert "| default | (params.yaml) | 280 | 1.00x |" in out.stdout and (tmp_path / "curves.png").is_file()
+
+
+def test_guidance_curve_at_the_sample_sections_scale_is_the_pipelines_metrics(project, tmp_path):
+    if not (project / "reports/metrics.json").exists():
+        run(["dvc", "repro"], project)
+    out = run([sys.executable, "bench/guidance.py", "--workspace", str(project), "--out", str(tmp_path),
+               "--scale", "1", "--scale", "3"], REPO)
+    rows = [json.loads(line) for line in (tmp_path / "default.jsonl").read_text().splitlines()]
+    assert [r["guidance"] for r in rows] == [1.0, 3.0] and (tmp_path / "default.png").is_file()
+    metrics = json.loads((project / "reports/metrics.json").read_text())  # TINY's sample.guidance is 3
+    for key in ("fid", "kid", "precision", "recall", "cond_acc"):
+        assert rows[1][key] == pytest.approx(metrics[key], rel=2e-4, abs=1e-5), key
+    assert rows[0]["fid"] != rows[1]["fid"] and "| 3 | " in out.stdout
