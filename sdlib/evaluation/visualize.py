@@ -152,9 +152,11 @@ def labelled_grid(frames: torch.Tensor, columns: list[str], title: str, row_labe
     return canvas, layout
 
 
-def _save(path: Path, image: Image.Image) -> None:
+def _save(path: Path, figure: tuple[Image.Image, GridLayout]) -> GridLayout:
+    """Write the figure's image as a PNG; its layout, for tests to find the captions."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
+    figure[0].save(path, format="PNG")
+    return figure[1]
 
 
 def _num(x: float) -> str:
@@ -163,7 +165,8 @@ def _num(x: float) -> str:
 
 
 @torch.no_grad()
-def forward_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, image: torch.Tensor, seed: int = 0) -> None:
+def forward_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, image: torch.Tensor,
+                   seed: int = 0) -> GridLayout:
     """Row 1: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps on pixels; row 2: the same on latents, decoded."""
     gen = torch.Generator().manual_seed(seed)
     sigmas = model.denoiser.train_sigmas.double()
@@ -181,15 +184,14 @@ def forward_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, image
     columns = [f"t = {t}\nsigma = {_num(float(sigmas[t]))}" for t in steps]
     title = (f"forward diffusion of a test image, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with "
              f"abar_t = 1 / (1 + sigma_t^2), seed {seed}")
-    figure, _ = labelled_grid(to_uint8(torch.stack(pixels + latents)), columns, title,
-                              ["pixels x_t", "latents z_t\n(decoded)"])
-    _save(path, figure)
+    return _save(path, labelled_grid(to_uint8(torch.stack(pixels + latents)), columns, title,
+                                     ["pixels x_t", "latents z_t\n(decoded)"]))
 
 
 @torch.no_grad()
 def reverse_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, prompts: Prompts, prompt: str, *,
                    seed: int = 0, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float = 3.0,
-                   shown: int = 8) -> None:
+                   shown: int = 8) -> GridLayout:
     """Row 1: the sample x_t (decoded) after `shown` of the steps, the last one included; row 2: the x_0 prediction
     that step made."""
     trace: list[dict] = []
@@ -205,9 +207,8 @@ def reverse_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, promp
         columns.append(f"step {trace[i]['i'] + 1}/{len(trace)}\nsigma = {_num(sigma)}")
     title = (f"reverse diffusion: {sampler}, {steps} steps, guidance {_num(guidance)}, prompt '{prompt}', "
              f"seed {seed}")
-    figure, _ = labelled_grid(to_uint8(torch.stack(rows_x + rows_x0)), columns, title,
-                              ["sample x_t\n(decoded)", "prediction\nof x_0"])
-    _save(path, figure)
+    return _save(path, labelled_grid(to_uint8(torch.stack(rows_x + rows_x0)), columns, title,
+                                     ["sample x_t\n(decoded)", "prediction\nof x_0"]))
 
 
 @torch.no_grad()
@@ -251,7 +252,7 @@ def attention_overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.
 
 
 def attention_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, prompts: Prompts, prompt: str, *,
-                     seed: int = 0, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float = 3.0) -> None:
+                     seed: int = 0, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float = 3.0) -> GridLayout:
     """The image, then one heat map per prompt token (start token, words, end token)."""
     kw = {"seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance}
     image, maps = attention_maps(model, vae, prompts, prompt, **kw)
@@ -265,5 +266,4 @@ def attention_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, pro
     title = (f"cross-attention of each token of the prompt '{prompt}', averaged over heads, layers and {steps} steps "
              f"of {sampler}, guidance {_num(guidance)}, seed {seed}; each map scaled to its own range "
              "(blue low, red high)")
-    figure, _ = labelled_grid(torch.stack(frames), ["image", *tokens], title)
-    _save(path, figure)
+    return _save(path, labelled_grid(torch.stack(frames), ["image", *tokens], title))
