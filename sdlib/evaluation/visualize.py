@@ -97,6 +97,7 @@ def attention_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, pro
     image, maps = attention_maps(model, vae, prompts, prompt, **kw)
     ids = prompts.ids([prompt])[0].tolist()
     eos = prompts.tokenizer.eos_token_id
+    eos = prompts.tokenizer.sep_token_id if eos is None else eos  # BERT ends a prompt with [SEP]
     n = ids.index(eos) + 1 if eos in ids else len(ids)  # up to and including the first end token
     tokens = [prompts.tokenizer.convert_ids_to_tokens(i).replace("</w>", "") for i in ids[:n]]
     fig, axes = plt.subplots(1, n + 1, figsize=(1.6 * (n + 1), 1.9))
