@@ -245,13 +245,18 @@ def _not_found(path_or_name: str, where: str, e: Exception) -> FileNotFoundError
     return FileNotFoundError(f"{path_or_name}: no local transformers text encoder ({detail})")
 
 
-def load_pretrained_text_encoder(path_or_name: str) -> tuple[PretrainedTextEncoder, PreTrainedTokenizerBase]:
-    """Load a local transformers text encoder (CLIP text model or BERT-like) and its tokenizer, never downloading."""
+def load_pretrained_text_encoder(path_or_name: str, max_length: int | None = None
+                                 ) -> tuple[PretrainedTextEncoder, PreTrainedTokenizerBase]:
+    """Load a local transformers text encoder (CLIP text model or BERT-like) and its tokenizer, never downloading;
+    with `max_length`, check that prompts of that many tokens fit its positions before loading the weights."""
     where = _model_dir(path_or_name)
     try:
         config = AutoConfig.from_pretrained(where, local_files_only=True)
     except (OSError, ValueError) as e:
         raise _not_found(path_or_name, where, e) from None
+    positions = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)  # CLIP nests it
+    if max_length is not None and positions is not None and max_length > positions:
+        raise ValueError(f"{path_or_name}: max_length {max_length} exceeds the encoder's {positions} positions")
     if Path(where).is_dir() and not any((Path(where) / f).is_file() for f in VOCABULARY_FILES):
         raise FileNotFoundError(f"{path_or_name}: {where} holds no tokenizer (none of {', '.join(VOCABULARY_FILES)}); "
                                 "the encoder needs the one it was trained with")
@@ -293,12 +298,9 @@ def load_frozen_text(pretrained: str, max_length: int, key: str = "text.pretrain
     """`load_pretrained_text_encoder` for a param: a missing encoder or tokenizer, or `max_length` past the encoder's
     positions, is a one-line ConfigError naming the param `key`."""
     try:
-        encoder, tokenizer = load_pretrained_text_encoder(pretrained)
+        encoder, tokenizer = load_pretrained_text_encoder(pretrained, max_length)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}={pretrained!r}: {str(e).removeprefix(f'{pretrained}: ')}") from None
-    positions = getattr(encoder.model.config, "max_position_embeddings", None)
-    if positions is not None and max_length > positions:
-        raise ConfigError(f"text.max_length={max_length} exceeds the {positions} positions of {key}={pretrained!r}")
     return FrozenText(pretrained, encoder, tokenizer)
 
 
