@@ -186,6 +186,8 @@ def test_sample_and_visualize_draw_an_unseen_prompt(work, trained, tmp_path):
 def test_prompts_read_the_frozen_encoder_through_the_projection(work, trained):
     """From the folder alone: its tokenizer, the re-loaded encoder and the learned projection, for any prompt."""
     model, _ = load_ldm(trained / "unet" / "model.safetensors")
+    saved = load_file(str(trained / "unet" / "model.safetensors"))
+    assert torch.equal(model.text_proj.weight, saved["text_proj.weight"])  # the trained projection, not a fresh one
     prompts = Prompts(trained / "unet" / "tokenizer", model)
     frozen = load_frozen_text(str(work / "bert"), 8)
     ids = tokenize(frozen.tokenizer, [UNSEEN, ""], 8)
