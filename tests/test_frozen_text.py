@@ -32,6 +32,7 @@ from sdlib.io import load_weights
 from sdlib.ldm import DiffusionArgs, LatentDiffusion, load_ldm, save_ldm
 from sdlib.models.text import (
     PretrainedTextArgs,
+    TextEncoder,
     TextEncoderArgs,
     load_frozen_text,
     load_pretrained_tokenizer,
@@ -39,7 +40,7 @@ from sdlib.models.text import (
     tokenize,
     write_clip_tokenizer_files,
 )
-from sdlib.models.unet import UNetArgs
+from sdlib.models.unet import UNet, UNetArgs
 from sdlib.models.vae import AutoencoderKL, VAEArgs, save_vae
 from sdlib.training.latent_diffusion import LatentDiffusionLoss, caption_table, unet_training
 from sdlib.training.loop import Batches, step_generator
@@ -214,12 +215,15 @@ def test_default_path_trains_what_it_did(work, tmp_path):
     tokenizer = load_tokenizer(write_clip_tokenizer_files(tmp_path / "tok"), text_cfg.max_length)
     ids = tokenize(tokenizer, unique, text_cfg.max_length)
     _, table, counts = caption_table(captions)
-    torch.manual_seed(0)
     text = TextEncoderArgs(hidden_size=16, num_layers=1, num_heads=2, max_length=8)
     unet = config.args_from(cfg, UNetArgs, in_channels=4, context_dim=16)
+    torch.manual_seed(0)
+    init = {"unet": UNet(unet).state_dict(), "text": TextEncoder(text).state_dict()}  # in this order, from the seed
     ref = LatentDiffusion(unet=unet, text=text, diffusion=config.args_from(cfg, DiffusionArgs,
                                                                           scale_factor=lat.scale_factor),
                           latent_hw=(4, 4))
+    ref.unet.load_state_dict(init["unet"])
+    ref.text.load_state_dict(init["text"])
     ref_loss = LatentDiffusionLoss(ref, lat, ids, table, counts, batches=Batches(len(lat), 32, 0, torch.device("cpu")),
                                    cond_drop=cfg.cond_drop)
 
