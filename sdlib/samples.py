@@ -47,7 +47,7 @@ def drawn_size(model: LatentDiffusion, vae: AutoencoderKL, height: int | None, w
 
 
 def check_clip_skip(model: LatentDiffusion, clip_skip: int, name: str = "--clip-skip") -> None:
-    layers = model.text_args.num_layers
+    layers = model.text_layers
     if not 1 <= clip_skip <= layers:
         raise ConfigError(f"{name} must lie in 1..{layers} (the text encoder's layers), got {clip_skip}")
 

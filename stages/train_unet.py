@@ -1,9 +1,9 @@
-"""Train the text-conditioned latent U-Net and its CLIP text encoder jointly, with caption dropout and EMA weights."""
+"""Train the text-conditioned latent U-Net and its CLIP text encoder jointly (or, with `text.pretrained`, a projection
+of a frozen encoder's cached states), with caption dropout and EMA weights."""
 from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -13,12 +13,13 @@ import typer
 
 from sdlib import config, tracking
 from sdlib.cli import check_outputs, pick_device, user_errors, wrote
+from sdlib.data.encoded_captions import FILE as CAPTIONS_FILE
+from sdlib.data.encoded_captions import load_encoded_captions
 from sdlib.data.latents import load_latents
 from sdlib.data.splits import load_split
 from sdlib.errors import DataError
 from sdlib.io import atomic_dir, fingerprint, write_csv, write_json
 from sdlib.ldm import save_ldm
-from sdlib.models.text import write_clip_tokenizer_files
 from sdlib.training.latent_diffusion import unet_training
 from sdlib.training.loop import Checkpointer, distributed, fit
 
@@ -30,13 +31,15 @@ def main(
     params: Annotated[Path, typer.Option(help="params.yaml (`unet`, `text`, `epochs`, `seed`)")] = Path("params.yaml"),
     data: Annotated[Path, typer.Option(help="preprocessed dataset folder (captions)")] = Path("data/processed"),
     latents: Annotated[Path, typer.Option(help="encoded latents folder")] = Path("data/latents"),
+    captions: Annotated[Path, typer.Option(help="encoded captions folder (ids, states, tokenizer)")] = Path("data/captions"),
     out: Annotated[Path, typer.Option(help="model folder to write (weights + tokenizer)")] = Path("models/unet"),
     metrics: Annotated[Path, typer.Option(help="metrics JSON")] = Path("reports/train_unet.json"),
     curve: Annotated[Path, typer.Option(help="loss-per-epoch CSV (a DVC plot)")] = Path("reports/curves/unet.csv"),
     checkpoint: Annotated[Path, typer.Option(help="resumable training state")] = Path("checkpoints/train_unet.pt"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] (under torchrun: cuda:LOCAL_RANK)")] = "auto",
 ) -> None:
-    """Train the U-Net noise predictor on VAE latents, conditioned on captions through a CLIP text encoder.
+    """Train the U-Net noise predictor on VAE latents, conditioned on captions through a CLIP text encoder (or a
+    frozen pretrained one, `text.pretrained`).
 
     Data-parallel on N GPUs (or CPU processes): `torchrun --nproc_per_node N -m stages.train_unet ...`.
     """
@@ -49,13 +52,14 @@ def main(
         split = load_split(data, "train")
         if len(split) != len(lat):
             raise DataError(f"{latents} holds {len(lat)} latents but {data} {len(split)} images; re-run encode_latents")
-        with distributed(pick_device(device)) as (dist, dev), tempfile.TemporaryDirectory() as scratch:
-            tokenizer_dir = write_clip_tokenizer_files(Path(scratch) / "tokenizer")
+        encoded = load_encoded_captions(captions)
+        with distributed(pick_device(device)) as (dist, dev):
             run = unet_training(cfg, text_cfg, epochs=epochs, seed=seed, latents=lat, captions=split.captions,
-                                tokenizer_dir=tokenizer_dir, device=dev, dist=dist)
+                                encoded=encoded, device=dev, dist=dist)
             model, ema, total = run.model, run.ema, run.total_steps
             run_params = config.flatten({"unet": cfg, "text": text_cfg, "epochs": epochs, "seed": seed})
-            ckpt = Checkpointer(checkpoint, fingerprint(run_params, files=(latents / "train.safetensors",)))
+            inputs = (latents / "train.safetensors", captions / CAPTIONS_FILE)
+            ckpt = Checkpointer(checkpoint, fingerprint(run_params, files=inputs))
             with tracking.stage_run("train_unet", run_params) if dist.is_main else contextlib.nullcontext():
                 history = fit(model=model, loss_fn=run.loss_fn, optimizer=run.optimizer, total_steps=total,
                               steps_per_epoch=run.steps_per_epoch, seed=seed, device=dev, checkpointer=ckpt,
@@ -70,7 +74,7 @@ def main(
                           "steps": total}
                 tracking.log_metrics(result)
                 with atomic_dir(out) as tmp:
-                    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+                    shutil.copytree(captions / "tokenizer", tmp / "tokenizer")
                     save_ldm(tmp / "model.safetensors", model, {"classes": split.classes, "digits": split.digits})
         write_json(metrics, result)
         write_csv(curve, pd.DataFrame(history.rows))

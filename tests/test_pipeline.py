@@ -37,7 +37,7 @@ TINY = {
              "channels": 1, "test_fraction": 0.25, "seed": 0},
     "vae": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "latent_channels": 4, "kl_weight": 1e-6,
             "epochs": 4, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 50},
-    "text": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 8},
+    "text": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 8, "pretrained": ""},
     "unet": {"model_channels": 64, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
              "transformer_depth": 1, "num_heads": 2, "skip": "concat", "prediction": "eps",
              "beta_schedule": "scaled_linear", "num_timesteps": 1000, "batch_size": 64, "lr": 1e-3, "cond_drop": 0.1,

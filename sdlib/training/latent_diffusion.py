@@ -6,24 +6,25 @@ slice is kept, so N data-parallel processes compute what one process would.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 
 from sdlib import config
 from sdlib.config import TextConfig, UNetConfig
+from sdlib.data.encoded_captions import EncodedCaptions, unique_captions
 from sdlib.data.latents import Latents
 from sdlib.diffusion.denoisers import Denoiser
+from sdlib.errors import DataError
 from sdlib.ldm import DiffusionArgs, LatentDiffusion
-from sdlib.models.text import TextEncoderArgs, load_tokenizer, tokenize
+from sdlib.models.text import PretrainedTextArgs, TextEncoderArgs
 from sdlib.models.unet import UNetArgs
 from sdlib.training.loop import EMA, Batches, Dist, adamw, fast_path, steps_for, warmup_cosine
 
 
 def caption_table(captions: list[list[str]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Unique captions (index 0 is "", the unconditional prompt), a padded (N, K) index table and counts (N,)."""
-    unique = [""] + sorted({c for caps in captions for c in caps})
+    unique = unique_captions(captions)
     index = {c: i for i, c in enumerate(unique)}
     k = max(len(caps) for caps in captions)
     table = torch.zeros(len(captions), k, dtype=torch.long)
@@ -54,17 +55,21 @@ class LatentDiffusionLoss:
     Each step, for every image of the batch: a fresh posterior sample z ~ q(z|x) scaled by the scale factor, one of
     its captions at random, dropped to "" with probability `cond_drop` (classifier-free guidance, Ho & Salimans
     2022), a timestep and noise; the denoiser's loss (DDPM's simple loss, eps or v) on them.
+
+    `encoded` holds each caption's token ids (N, L), or, with a frozen pretrained encoder, its cached token states
+    (N, L, D), which only the learned projection sees.
     """
 
-    def __init__(self, model: LatentDiffusion, latents: Latents, caption_ids: torch.Tensor, table: torch.Tensor,
+    def __init__(self, model: LatentDiffusion, latents: Latents, encoded: torch.Tensor, table: torch.Tensor,
                  counts: torch.Tensor, *, batches: Batches, cond_drop: float, dist: Dist = Dist(),
                  min_snr_gamma: float = 0.0, timesteps: TimestepSampling = "uniform"):
-        device = caption_ids.device
+        device = encoded.device
         self.model, self.batches, self.cond_drop, self.dist = model, batches, cond_drop, dist
         self.min_snr_gamma, self.timesteps = min_snr_gamma, timesteps
         self.mean, self.std = latents.mean.to(device), latents.std.to(device)  # the whole data set on the device
         self.scale_factor = latents.scale_factor
-        self.caption_ids, self.table, self.counts = caption_ids, table.to(device), counts.to(device)
+        self.encoded, self.table, self.counts = encoded, table.to(device), counts.to(device)
+        self.encode = model.project if model.frozen_text else model.encode_text
         self.fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
     def __call__(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -81,12 +86,12 @@ class LatentDiffusionLoss:
         cid = self.table[idx, (pick * self.counts[idx]).long()]
         cid = torch.where(drop, torch.zeros_like(cid), cid)  # caption dropout: "" trains p(x) for CFG
         if dev.type == "cuda":  # unique() would make every step wait for the GPU; B captions cost less
-            context = self.model.encode_text(self.caption_ids[cid])  # (B, L, D)
+            context = self.encode(self.encoded[cid])  # (B, L, D)
         else:
             uniq, inverse = cid.unique(return_inverse=True)
             # each caption encoded once; index_select, not [inverse]: the backward of indexing (index_put_ with
             # accumulate) adds rows with atomics across threads in a run-dependent order, index_add_ in batch order
-            context = self.model.encode_text(self.caption_ids[uniq]).index_select(0, inverse)  # (B, L, D)
+            context = self.encode(self.encoded[uniq]).index_select(0, inverse)  # (B, L, D)
         z0, eps = z0.contiguous(memory_format=self.fmt), eps.contiguous(memory_format=self.fmt)
         return self.model.denoiser.loss(z0, context, t=t, eps=eps, min_snr_gamma=self.min_snr_gamma), {}
 
@@ -107,24 +112,31 @@ class UNetTraining:
 
 
 def unet_training(cfg: UNetConfig, text_cfg: TextConfig, *, epochs: int, seed: int, latents: Latents,
-                  captions: list[list[str]], tokenizer_dir: Path, device: torch.device,
+                  captions: list[list[str]], encoded: EncodedCaptions, device: torch.device,
                   dist: Dist = Dist()) -> UNetTraining:
     """Model (initialised from `seed`), objective, AdamW, warm-up + cosine LR and EMA for `epochs` over `latents`,
-    whose image i has the captions `captions[i]`; the captions are tokenized once with the tokenizer in
-    `tokenizer_dir`."""
+    whose image i has the captions `captions[i]`, tokenized (and, with `text.pretrained`, encoded) once in `encoded`.
+    """
     unique, table, counts = caption_table(captions)
+    made_with = (encoded.captions, encoded.pretrained, encoded.max_length)
+    if made_with != (unique, text_cfg.pretrained, text_cfg.max_length):
+        raise DataError(f"the encoded captions were made from other captions or text params (pretrained "
+                        f"{encoded.pretrained!r}, max_length {encoded.max_length}); re-run encode_captions")
     n, bs = len(latents), cfg.batch_size
     dist.check_batch(bs, n, "unet.batch_size")
     torch.manual_seed(seed)  # parameter initialisation only; the loop uses its own per-step generators
-    text_args = config.args_from(text_cfg, TextEncoderArgs)
+    if text_cfg.pretrained:
+        text_args = PretrainedTextArgs(pretrained=text_cfg.pretrained, encoder_dim=encoded.states.shape[-1],
+                                       hidden_size=text_cfg.hidden_size, max_length=text_cfg.max_length)
+    else:
+        text_args = config.args_from(text_cfg, TextEncoderArgs)
     unet_args = config.args_from(cfg, UNetArgs, in_channels=latents.mean.shape[1], context_dim=text_args.hidden_size)
     diffusion = config.args_from(cfg, DiffusionArgs, scale_factor=latents.scale_factor)
     model = LatentDiffusion(unet=unet_args, text=text_args, diffusion=diffusion,
                             latent_hw=tuple(latents.mean.shape[2:])).to(device)
     amp = fast_path([model.unet], device, cfg.precision, cfg.compile, cfg.compile_mode)
-    caption_ids = tokenize(load_tokenizer(tokenizer_dir, text_args.max_length), unique,
-                           text_args.max_length).to(device)
-    loss_fn = LatentDiffusionLoss(model, latents, caption_ids, table, counts, batches=Batches(n, bs, seed, device),
+    inputs = (encoded.ids if encoded.states is None else encoded.states).to(device)
+    loss_fn = LatentDiffusionLoss(model, latents, inputs, table, counts, batches=Batches(n, bs, seed, device),
                                   cond_drop=cfg.cond_drop, dist=dist, min_snr_gamma=cfg.min_snr_gamma,
                                   timesteps=cfg.timesteps)
     optimizer = adamw(model.parameters(), cfg.lr, device)
