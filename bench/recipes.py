@@ -44,7 +44,8 @@ from sdlib.evaluation.metrics import fidelity_metrics
 from sdlib.evaluation.scoring import score_samples, seed_sets
 from sdlib.generate import Prompts, generate
 from sdlib.models.classifier import load_classifier, predict
-from sdlib.models.text import write_clip_tokenizer_files
+from sdlib.data.encoded_captions import write_encoded_captions
+from sdlib.models.text import load_frozen_text
 from sdlib.models.vae import load_vae
 from sdlib.samples import plan
 from sdlib.training.latent_diffusion import unet_training
@@ -142,9 +143,11 @@ def run_recipe(name: str, overrides: dict[str, object], every: int, workspace: P
     split = load_split(workspace / "data/processed", "train")
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer_dir = write_clip_tokenizer_files(Path(scratch) / "tokenizer")
+        frozen = load_frozen_text(text_cfg.pretrained, text_cfg.max_length) if text_cfg.pretrained else None
+        encoded = write_encoded_captions(Path(scratch) / "captions", split.captions, text_cfg.max_length, frozen, dev)
+        tokenizer_dir = Path(scratch) / "captions/tokenizer"  # what encode_captions writes and train_unet copies
         run = unet_training(cfg, text_cfg, epochs=epochs, seed=seed, latents=latents, captions=split.captions,
-                            tokenizer_dir=tokenizer_dir, device=dev)
+                            encoded=encoded, device=dev)
         flops_per_image = count_flops(run) / cfg.batch_size
         evaluate = Evaluator(params, workspace, tokenizer_dir, dev)
         clock = {"train": 0.0, "since": time.perf_counter()}
