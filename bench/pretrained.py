@@ -16,8 +16,9 @@ process, in float32 on the CPU:
 3. memory: each sampling process's peak resident set (VmHWM, loading included), and its ratio sdlib / diffusers.
 
 One JSON line per case. `--architecture tiny_sd_v1` runs the same code at a few million parameters and 64 x 64
-images in about a minute. Full size (`sd_v1`, the default) needs 4.3 GB of disk in `--dir` and about 14 GB of memory
-for the equality process (both sets of weights and a 512 x 512 VAE decode). Its time is an ESTIMATE, not measured:
+images in about a minute. Full size (`sd_v1`, the default) has not been run. It needs 4.3 GB of disk in `--dir`
+(4.0 GiB of float32 weights) and, as ESTIMATES, ~5 GiB per sampling process and ~10 GiB for the equality process
+(sdlib's weights, diffusers' U-Net and a 512 x 512 VAE decode). Its time is an ESTIMATE too:
 counted with FlopCounterMode, an image is 34.7 TFLOP (U-Net 0.80 TFLOP per evaluation x 2 for CFG x 20 steps, VAE
 decode 2.5 TFLOP), 4,600 times the tiny run's 7.5 GFLOP; at the ~0.08 TFLOP/s one Zen 4 thread reached in
 bench/unet_step.py that is ~7 minutes per image per process, so `--rounds 3 --threads 1` takes about 45 minutes on
@@ -207,7 +208,14 @@ def main(
     folder: Annotated[Optional[Path], typer.Option(hidden=True)] = None,
     image: Annotated[Optional[Path], typer.Option(hidden=True)] = None,
 ) -> None:
-    """Equality, seconds per image and peak memory of SD v1.5's architecture, sdlib vs diffusers; one JSON line each."""
+    """Equality, seconds per image and peak memory of SD v1.5's architecture, sdlib vs diffusers; one JSON line each.
+
+    Random float32 weights (diffusers' init) in a diffusers folder; U-Net, VAE decode and text encoder compared on the
+    same inputs; then 512 x 512 text-to-image, 20 steps of dpmpp_2m, CFG 7.5, batch 1, sdlib and diffusers in
+    alternating fresh processes: median seconds and peak RSS (VmHWM) per image, ratios sdlib / diffusers, and the
+    max abs difference of the two images. Full size: 4.3 GB of disk and, estimated from FLOPs, ~50 minutes at
+    --threads 1. --architecture tiny_sd_v1: the same code at a few million parameters, about a minute.
+    """
     torch.set_num_threads(threads)
     if worker_task is not None:
         print(json.dumps(worker(worker_task, folder, image, steps, guidance)))
