@@ -156,13 +156,14 @@ def sample(impl: str, folder: Path, steps: int, guidance: float) -> tuple[torch.
 
         scheduler = DPMSolverMultistepScheduler(**DPMPP_2M)
         pipe = StableDiffusionPipeline(
-            vae=DiffusersVAE.from_pretrained(folder / "vae"), unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
+            vae=DiffusersVAE.from_pretrained(folder / "vae"),
+            unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
             text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
             tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), scheduler=scheduler, safety_checker=None,
             feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         loaded = time.perf_counter()
-        h, w = pipe.unet.config.sample_size, pipe.unet.config.sample_size
+        h = w = pipe.unet.config.sample_size  # SD v1 is square
         scheduler.set_timesteps(steps)
         sigma_max = scheduler.sigmas[0]
         # sdlib's x_T = noise * sigma_max (VE); the pipeline takes VP latents and scales them by init_noise_sigma = 1
@@ -197,7 +198,7 @@ def median_ratio(a: list[float], b: list[float]) -> float:
 @app.command()
 def main(
     architecture: Annotated[str, typer.Option(help=f"one of {', '.join(ARCHITECTURES)}")] = "sd_v1",
-    dir: Annotated[Optional[Path], typer.Option(help="where to keep the random-weight folder: DIR/random-<architecture>, "
+    dir: Annotated[Optional[Path], typer.Option(help="where to keep the random weights, DIR/random-<architecture>: "
                                                      "written if missing, reused if present (default: a temporary "
                                                      "folder, removed at the end)")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="sampling processes per implementation, alternating")] = 3,
