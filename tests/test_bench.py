@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sdlib.diffusion.samplers import SAMPLERS
@@ -15,9 +16,9 @@ from sdlib.models.unet import UNet, UNetArgs
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bench(script: str, *args: str) -> subprocess.CompletedProcess:
+def bench(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=timeout)
 
 
 def json_lines(out: subprocess.CompletedProcess) -> list[dict]:
@@ -84,6 +85,7 @@ def test_pipeline_rejects_unknown_override_keys():
 
 
 def load_bench(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # as when run: a script imports its sibling bench modules
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)
@@ -137,3 +139,40 @@ def test_load_memory_fabricates_loadable_checkpoints_and_measures_a_load(tmp_pat
     assert line["weights_gib"] * 2**30 == 2 * n_params
     assert line["peak_gib"] >= line["peak_loaded_gib"] >= line["before_gib"] > 0
     assert line["ratio"] == pytest.approx(line["peak_gib"] / line["weights_gib"])
+
+
+def test_pretrained_equals_diffusers_and_times_both(tmp_path, monkeypatch):
+    """The tiny architecture through the same code as full size: outputs equal diffusers' up to float32 rounding, the
+    two final images up to the schedules' float32-vs-float64 digits, one sampling line per implementation.
+
+    Planted bugs caught: diffusers' sampling process with `timestep_spacing="leading"` (images differ by 0.13, bound
+    1e-4), diffusers' U-Net given timestep 501 (max abs difference 0.024, rounding bound 2.1e-3; measured 0.0)."""
+    pytest.importorskip("diffusers")
+    from test_pretrained import _schedulers
+    from tolerances import forward_tol
+
+    from sdlib.pretrained.load import load_pretrained
+    pretrained = load_bench("pretrained", monkeypatch)
+    from diffusers import DPMSolverMultistepScheduler
+    assert DPMSolverMultistepScheduler(**pretrained.DPMPP_2M).config == _schedulers()["dpmpp_2m"][0].config
+
+    lines = json_lines(bench("pretrained.py", "--architecture", "tiny_sd_v1", "--rounds", "1", "--steps", "20",
+                             "--dir", str(tmp_path), timeout=300))
+    assert [d["case"] for d in lines] == ["unet", "vae_decode", "text_encoder", "sampling", "sampling"]
+    sd = load_pretrained(tmp_path / "random-tiny_sd_v1")  # the weights the run wrote and kept
+    nets = {"unet": sd.model.unet, "vae_decode": sd.vae, "text_encoder": sd.model.text}
+    for d in lines[:3]:
+        assert {"shape", "max_abs_diff", "max_abs", "rel_diff"} <= d.keys() and d["max_abs"] > 0.1
+        assert d["max_abs_diff"] <= forward_tol(torch.tensor(d["max_abs"]), nets[d["case"]]), d
+    assert [d["shape"] for d in lines[:3]] == [[2, 4, 8, 8], [1, 3, 64, 64], [2, 77, 32]]
+    ours, theirs = lines[3:]
+    assert (ours["impl"], theirs["impl"]) == ("sdlib", "diffusers")
+    for d in (ours, theirs):
+        assert {"s_per_image", "s_per_image_rounds", "load_s", "peak_rss_gib", "tflop_per_image", "baseline",
+                "ratio", "rss_ratio", "image_max_abs_diff", "image_repeat_diff"} <= d.keys()
+        assert d["steps"] == 20 and d["guidance"] == 7.5 and d["image_hw"] == [64, 64] and d["baseline"] == "diffusers"
+        assert d["s_per_image"] > 0 and d["peak_rss_gib"] > 0 and d["ratio"] > 0 and d["rss_ratio"] > 0
+    assert theirs["ratio"] == theirs["rss_ratio"] == 1.0 and theirs["diffusers_imported"]
+    assert not ours["diffusers_imported"]  # sdlib's process pays for no diffusers import, in time or memory
+    # as in test_pretrained's whole-run comparison: float64 vs float32 schedules move pixels by ~1e-5
+    assert ours["image_max_abs_diff"] <= 1e-4
