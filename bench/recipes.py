@@ -61,6 +61,7 @@ RECIPES: dict[str, dict[str, object]] = {
     "half-bs64": {"epochs": 15, "unet.batch_size": 64},  # as many steps as the default, half the images each
     "half-bs64-minsnr": {"epochs": 15, "unet.batch_size": 64, "unet.min_snr_gamma": 5.0},
     "half-lognormal": {"epochs": 15, "unet.timesteps": "lognormal"},
+    "twothirds-minsnr": {"epochs": 20, "unet.min_snr_gamma": 5.0},
 }
 
 app = typer.Typer(add_completion=False)
