@@ -7,6 +7,7 @@ default's `sample.guidance` comes from.
 
     python bench/guidance.py                              # the workspace's models/unet, scales 1 1.5 2 3 5
     python bench/guidance.py --scale 2 --scale 2.5 --label default
+    python bench/guidance.py --scale 3 --set sample.steps=10 --label steps10   # another sampling setting
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import yaml
 
 from recipes import REPO, Evaluator, apply  # bench/recipes.py: the pipeline's sampling and scoring
 from sdlib.cli import user_errors
+from sdlib.errors import ConfigError
 from sdlib.ldm import load_ldm
 
 app = typer.Typer(add_completion=False)
@@ -52,13 +54,18 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(
     scale: Annotated[Optional[list[float]], typer.Option(help="guidance scales (repeatable)")] = None,
     label: Annotated[str, typer.Option(help="name of this curve's files")] = "default",
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="override of the sample section, e.g. sample.steps=10 (repeatable)")] = None,
     workspace: Annotated[Path, typer.Option(help="a repository after `dvc repro`")] = REPO,
     out: Annotated[Path, typer.Option(help="folder for <label>.jsonl and <label>.png")] = REPO / "bench/out/guidance",
 ) -> None:
     """Score the workspace's trained model at each guidance scale; one JSON line per scale, then a table."""
     with user_errors():
         scales = scale or [1.0, 1.5, 2.0, 3.0, 5.0]
-        params = yaml.safe_load((workspace / "params.yaml").read_text())
+        if bad := [o for o in set_ or [] if "=" not in o]:
+            raise ConfigError(f"--set {bad[0]!r}: expected key=value")
+        params = apply(yaml.safe_load((workspace / "params.yaml").read_text()),
+                       {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in set_ or [])})
         model, _ = load_ldm(workspace / "models/unet/model.safetensors")
         rows = []
         for g in scales:
