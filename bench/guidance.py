@@ -22,9 +22,9 @@ import torch
 import typer
 import yaml
 
+from pipeline import parse_overrides  # bench/pipeline.py: dotted-key params overrides
 from recipes import REPO, Evaluator, apply  # bench/recipes.py: the pipeline's sampling and scoring
 from sdlib.cli import user_errors
-from sdlib.errors import ConfigError
 from sdlib.ldm import load_ldm
 
 app = typer.Typer(add_completion=False)
@@ -62,10 +62,7 @@ def main(
     """Score the workspace's trained model at each guidance scale; one JSON line per scale, then a table."""
     with user_errors():
         scales = scale or [1.0, 1.5, 2.0, 3.0, 5.0]
-        if bad := [o for o in set_ or [] if "=" not in o]:
-            raise ConfigError(f"--set {bad[0]!r}: expected key=value")
-        params = apply(yaml.safe_load((workspace / "params.yaml").read_text()),
-                       {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in set_ or [])})
+        params = apply(yaml.safe_load((workspace / "params.yaml").read_text()), parse_overrides(set_ or [], "--set"))
         model, _ = load_ldm(workspace / "models/unet/model.safetensors")
         rows = []
         for g in scales:

@@ -70,20 +70,33 @@ def copy_repo(dst: Path, with_lock: bool = True) -> None:
         (dst / "dvc.lock").write_text(git("show", "HEAD:dvc.lock"))
 
 
-def apply_overrides(params: dict, overrides: list[str]) -> dict:
-    """`a.b=value` sets params['a']['b'] to the YAML value; the key must already exist (catches typos)."""
-    for item in overrides:
+def parse_overrides(items: list[str], option: str = "--params-override") -> dict[str, object]:
+    """["a.b=value", ...] -> {"a.b": the YAML value}; an item without "=" is an error naming `option`."""
+    out: dict[str, object] = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(f"--params-override: expected key=value, got {item!r}")
-        *parents, leaf = key.strip().split(".")
+            raise ConfigError(f"{option}: expected key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def set_params(params: dict, overrides: dict[str, object], option: str = "--params-override") -> dict:
+    """params['a']['b'] = value for each dotted key `a.b` (in place); the key must already exist (catches typos)."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
         node = params
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
         if not isinstance(node, dict) or leaf not in node:
-            raise ConfigError(f"--params-override: params.yaml has no key {key.strip()!r}")
-        node[leaf] = yaml.safe_load(value)
+            raise ConfigError(f"{option}: params.yaml has no key {key!r}")
+        node[leaf] = value
     return params
+
+
+def apply_overrides(params: dict, overrides: list[str]) -> dict:
+    """`a.b=value` sets params['a']['b'] to the YAML value; the key must already exist (catches typos)."""
+    return set_params(params, parse_overrides(overrides))
 
 
 def init_project(dst: Path, overrides: list[str], runner: Runner) -> None:

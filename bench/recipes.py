@@ -34,6 +34,7 @@ import typer
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline import parse_overrides, set_params  # bench/pipeline.py: dotted-key params overrides
 from sdlib import config
 from sdlib.cli import user_errors
 from sdlib.data.images import from_uint8, to_uint8
@@ -68,17 +69,8 @@ app = typer.Typer(add_completion=False)
 
 
 def apply(params: dict, overrides: dict[str, object]) -> dict:
-    """params with dotted-key overrides; a key that params.yaml does not have is an error (as with `dvc exp run -S`)."""
-    out = copy.deepcopy(params)
-    for key, value in overrides.items():
-        *path, last = key.split(".")
-        node = out
-        for p in path:
-            node = node.get(p) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or last not in node:
-            raise ConfigError(f"recipe: params.yaml has no key '{key}'")
-        node[last] = value
-    return out
+    """A copy of params with dotted-key overrides; a key params.yaml lacks is an error (as with `dvc exp run -S`)."""
+    return set_params(copy.deepcopy(params), overrides, "recipe")
 
 
 def count_flops(run) -> int:
@@ -256,8 +248,7 @@ def main(
         if set_:
             if name is None or len(specs) != 1:
                 raise ConfigError("--set needs --name and exactly one --recipe to start from")
-            extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in set_)}
-            specs = [{"name": name, "overrides": {**specs[0]["overrides"], **extra}}]
+            specs = [{"name": name, "overrides": {**specs[0]["overrides"], **parse_overrides(set_, "--set")}}]
         params = yaml.safe_load((workspace / "params.yaml").read_text())
         for s in specs:
             apply(params, s["overrides"])  # unknown keys stop here, before any training
