@@ -43,12 +43,12 @@ from sdlib.data.splits import load_split
 from sdlib.errors import ConfigError
 from sdlib.evaluation.metrics import fidelity_metrics
 from sdlib.evaluation.scoring import score_samples, seed_sets
-from sdlib.generate import Prompts, generate
+from sdlib.generate import Prompts
 from sdlib.models.classifier import load_classifier, predict
 from sdlib.data.encoded_captions import write_encoded_captions
 from sdlib.models.text import load_frozen_text
 from sdlib.models.vae import load_vae
-from sdlib.samples import plan
+from sdlib.samples import draw, drawn_size, plan
 from sdlib.training.latent_diffusion import unet_training
 from sdlib.training.loop import Checkpointer, fit
 
@@ -97,13 +97,10 @@ class Evaluator:
         self.meta = {"classes": train.classes, "digits": train.digits}
 
     def draw(self, model, jobs) -> torch.Tensor:
-        prompts, cfg, out = Prompts(self.tokenizer_dir, model), self.sample, []
-        for start in range(0, len(jobs), cfg.batch_size):
-            batch = jobs[start:start + cfg.batch_size]
-            out.append(to_uint8(generate(model, self.vae, prompts, [j.prompt for j in batch], [j.seed for j in batch],
-                                         sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance,
-                                         schedule=cfg.schedule, negative_prompt=cfg.negative_prompt).cpu()))
-        return torch.cat(out)
+        """uint8 images (N, C, H, W) of `jobs`, drawn as the sample stage draws them."""
+        hw = drawn_size(model, self.vae, None, None)
+        return torch.cat([images for _, images in draw(model, self.vae, Prompts(self.tokenizer_dir, model),
+                                                        self.sample, jobs, hw=hw)])
 
     def __call__(self, model, final: bool) -> dict:
         model.eval()

@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import torch
@@ -78,6 +79,21 @@ def schedule_record(model: LatentDiffusion, cfg: SampleConfig, strength: float |
             "timesteps": model.denoiser.sigma_to_t(sigmas[sigmas > 0]).tolist()}
 
 
+def draw(model: LatentDiffusion, vae: AutoencoderKL, prompts: Prompts, cfg: SampleConfig, jobs: list[Job], *,
+         hw: tuple[int, int], clip_skip: int = 1, init_image: torch.Tensor | None = None,
+         strength: float = 1.0) -> Iterator[tuple[list[Job], torch.Tensor]]:
+    """Draw `jobs`, cfg.batch_size at a time, at size `hw`: (the batch's jobs, their uint8 images (B, C, H, W)) per
+    batch. `init_image` (C, H, W) in [-1, 1] makes it image-to-image at `strength`."""
+    factor = vae.args.factor
+    for start in tqdm(range(0, len(jobs), cfg.batch_size), desc="sample", unit="batch", file=sys.stderr):
+        batch = jobs[start:start + cfg.batch_size]
+        x = generate(model, vae, prompts, [j.prompt for j in batch], [j.seed for j in batch],
+                     sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
+                     negative_prompt=cfg.negative_prompt, init_image=init_image, strength=strength,
+                     latent_hw=(hw[0] // factor, hw[1] // factor), clip_skip=clip_skip)
+        yield batch, to_uint8(x.cpu())
+
+
 def write_samples(tmp: Path, out: Path, model: LatentDiffusion, vae: AutoencoderKL, prompts: Prompts,
                   cfg: SampleConfig, jobs: list[Job], *, hw: tuple[int, int], clip_skip: int = 1,
                   init_image: torch.Tensor | None = None, strength: float = 1.0, schedule: bool = False) -> None:
@@ -86,15 +102,10 @@ def write_samples(tmp: Path, out: Path, model: LatentDiffusion, vae: Autoencoder
     manifest.csv names each PNG by its path under `out`, relative to the working directory; `schedule` also writes
     schedule.json. `init_image` (C, H, W) in [-1, 1] makes it image-to-image at `strength`.
     """
-    factor = vae.args.factor
     images = []
-    for start in tqdm(range(0, len(jobs), cfg.batch_size), desc="sample", unit="batch", file=sys.stderr):
-        batch = jobs[start:start + cfg.batch_size]
-        x = generate(model, vae, prompts, [j.prompt for j in batch], [j.seed for j in batch],
-                     sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
-                     negative_prompt=cfg.negative_prompt, init_image=init_image, strength=strength,
-                     latent_hw=(hw[0] // factor, hw[1] // factor), clip_skip=clip_skip)
-        for job, img in zip(batch, to_uint8(x.cpu())):
+    for batch, drawn in draw(model, vae, prompts, cfg, jobs, hw=hw, clip_skip=clip_skip, init_image=init_image,
+                             strength=strength):
+        for job, img in zip(batch, drawn):
             save_png(tmp / job.name, img)
             images.append(img)
     cols = min(cfg.n_per_prompt, GRID_COLUMNS)
