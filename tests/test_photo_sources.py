@@ -110,12 +110,19 @@ def test_flowers102_limit(tmp_path, flowers_md5) -> None:
     assert five == pairs(5, 0) and five != pairs(5, 1)
 
 
-def test_flowers102_missing_or_broken_files(tmp_path, params_file, flowers_md5) -> None:
+def test_flowers102_missing_or_broken_files(tmp_path, params_file, flowers_md5, monkeypatch) -> None:
     root = tmp_path / "external"
     params = params_file(data={"source": "flowers102", "root": str(root), "channels": 3})
     assert_user_error(download(params, tmp_path / "raw"),
                       f"no Flowers102 files found (set data.download: true when online, or place torchvision's "
                       f"Flowers102 files jpg, imagelabels.mat, setid.mat in {root / 'flowers-102'})")
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr("torchvision.datasets.flowers102.download_and_extract_archive", offline)
+    online = params_file(data={"source": "flowers102", "root": str(root), "download": True})
+    assert_user_error(download(online, tmp_path / "raw"), f"data.root={root}: could not download Flowers102 "
+                      "(<urlopen error [Errno -3] Temporary failure in name resolution>)")
     write_flowers(root)
     # the fabricated .mat files are not the real ones, whose md5 torchvision checks
     assert_user_error(download(params, tmp_path / "raw"), f"Flowers102 files in {root / 'flowers-102'} are incomplete "
@@ -212,7 +219,7 @@ def test_coco_missing_or_broken_files(tmp_path, params_file) -> None:
                       "val2017.zip if wanted) and annotations_trainval2017.zip from https://cocodataset.org/#download")
     write_coco(root)
     (root / "val2017" / f"{1:012d}.jpg").unlink()
-    assert_user_error(download(params, tmp_path / "raw"), "1 of the images in the COCO captions files are missing, "
+    assert_user_error(download(params, tmp_path / "raw"), "1 of the 3 COCO images to read are missing, "
                       f"e.g. {root / 'val2017' / f'{1:012d}.jpg'}")
     for file in (root / "val2017").iterdir():
         file.unlink()
