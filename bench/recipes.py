@@ -34,7 +34,6 @@ import typer
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline import parse_overrides, set_params  # bench/pipeline.py: dotted-key params overrides
 from sdlib import config
 from sdlib.cli import user_errors
 from sdlib.data.images import from_uint8, to_uint8
@@ -48,6 +47,7 @@ from sdlib.models.classifier import load_classifier, predict
 from sdlib.data.encoded_captions import write_encoded_captions
 from sdlib.models.text import load_frozen_text
 from sdlib.models.vae import load_vae
+from sdlib.presets import parse_overrides, set_params
 from sdlib.samples import draw, drawn_size, plan
 from sdlib.training.latent_diffusion import unet_training
 from sdlib.training.loop import Checkpointer, fit
@@ -63,6 +63,13 @@ RECIPES: dict[str, dict[str, object]] = {
     "half-bs64-minsnr": {"epochs": 15, "unet.batch_size": 64, "unet.min_snr_gamma": 5.0},
     "half-lognormal": {"epochs": 15, "unet.timesteps": "lognormal"},
     "twothirds-minsnr": {"epochs": 20, "unet.min_snr_gamma": 5.0},
+    # scored with 10 sampler steps (the default model scores FID 1.25 there, as at 20 steps: 1.30)
+    "full-minsnr-s10": {"unet.min_snr_gamma": 5.0, "sample.steps": 10},
+    "half-minsnr-lr2e-3-s10": {"epochs": 15, "unet.min_snr_gamma": 5.0, "unet.lr": 2e-3, "sample.steps": 10},
+    "half-minsnr-noema-s10": {"epochs": 15, "unet.min_snr_gamma": 5.0, "unet.ema_decay": 0.0, "sample.steps": 10},
+    # narrower U-Nets for more steps in the same FLOPs (MFLOP per image: width 64 514, 48 299, 32 145)
+    "w48-minsnr-s10": {"epochs": 25, "unet.model_channels": 48, "unet.min_snr_gamma": 5.0, "sample.steps": 10},
+    "w32-minsnr-s10": {"epochs": 53, "unet.model_channels": 32, "unet.min_snr_gamma": 5.0, "sample.steps": 10},
 }
 
 app = typer.Typer(add_completion=False)
@@ -102,8 +109,11 @@ class Evaluator:
         return torch.cat([images for _, images in draw(model, self.vae, Prompts(self.tokenizer_dir, model),
                                                         self.sample, jobs, hw=hw)])
 
-    def __call__(self, model, final: bool) -> dict:
+    def __call__(self, model, final: bool, guidance: float | None = None) -> dict:
+        """Metrics of `model`: one seed set, or (final) all of them; at `guidance` instead of the sample section's."""
         model.eval()
+        if guidance is not None:
+            self.sample = self.sample.model_copy(update={"guidance": guidance})
         jobs = plan(self.sample, self.meta)
         prompts = [j.prompt for j in jobs]
         labels = torch.tensor([-1 if j.label is None else j.label for j in jobs])
@@ -123,8 +133,10 @@ class Evaluator:
         return m | {"n_samples": len(gen), "n_seed_sets": 1}
 
 
-def run_recipe(name: str, overrides: dict[str, object], every: int, workspace: Path, out: Path) -> None:
-    """Train one recipe in this process, writing a JSON line per evaluation to out/<name>.jsonl (atomically at the end)."""
+def run_recipe(name: str, overrides: dict[str, object], every: int, workspace: Path, out: Path,
+               guidance: list[float]) -> None:
+    """Train one recipe in this process, writing a JSON line per evaluation to out/<name>.jsonl (atomically at the end).
+    The final model is scored at each scale of `guidance` (none: the sample section's), a row each."""
     params = apply(yaml.safe_load((workspace / "params.yaml").read_text()), overrides)
     cfg, text_cfg = config.parse_section("unet", params["unet"]), config.parse_section("text", params["text"])
     epochs, seed = config.top_level(params, "epochs"), config.top_level(params, "seed")
@@ -149,14 +161,16 @@ def run_recipe(name: str, overrides: dict[str, object], every: int, workspace: P
             clock["train"] += time.perf_counter() - clock["since"]
             ema_model = copy.deepcopy(run.model)
             run.ema.copy_to(ema_model)
-            t0 = time.perf_counter()
-            metrics = evaluate(ema_model, final)
-            row = {"recipe": name, "overrides": overrides, "step": done, "images": done * cfg.batch_size,
-                   "tflops": round(done * cfg.batch_size * flops_per_image / 1e12, 3),
-                   "train_s": round(clock["train"], 1), "eval_s": round(time.perf_counter() - t0, 1), "final": final,
-                   "threads": torch.get_num_threads(), **{k: round(v, 5) for k, v in metrics.items()}}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for g in (guidance or [evaluate.sample.guidance]) if final else [evaluate.sample.guidance]:
+                t0 = time.perf_counter()
+                metrics = evaluate(ema_model, final, g)
+                row = {"recipe": name, "overrides": overrides, "step": done, "images": done * cfg.batch_size,
+                       "tflops": round(done * cfg.batch_size * flops_per_image / 1e12, 3), "guidance": g,
+                       "train_s": round(clock["train"], 1), "eval_s": round(time.perf_counter() - t0, 1),
+                       "final": final, "threads": torch.get_num_threads(),
+                       **{k: round(v, 5) for k, v in metrics.items()}}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
             clock["since"] = time.perf_counter()
 
         ckpt = Checkpointer(Path(scratch) / "ckpt.pt", "bench")
@@ -175,17 +189,18 @@ def read_rows(out: Path) -> list[dict]:
 
 
 def table(rows: list[dict], baseline: str = "default") -> str:
-    """Markdown: each recipe's final row, with its FLOPs as a ratio of the baseline's. Training seconds are shown but
-    not as a ratio: recipes that ran at different times met different loads (time them side by side, `--jobs 2`)."""
-    finals = {r["recipe"]: r for r in rows if r["final"]}
-    base = finals.get(baseline)
-    lines = ["| recipe | overrides | steps | FLOPs vs default | train s (threads) | FID | KID | "
-             "precision | recall | cond_acc |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in sorted(finals.items(), key=lambda kv: -kv[1]["tflops"]):
-        ratio = (lambda k: f"{r[k] / base[k]:.2f}x") if base else (lambda k: "")
+    """Markdown: each recipe's final rows (one per guidance scale), with FLOPs as a ratio of the baseline's. Training
+    seconds are shown but not as a ratio: recipes that ran at different times met different loads (time them side by
+    side, `--jobs 2`)."""
+    finals = [r for r in rows if r["final"]]
+    base = next((r for r in finals if r["recipe"] == baseline), None)
+    lines = ["| recipe | overrides | steps | FLOPs vs default | train s (threads) | guidance | FID | KID | "
+             "precision | recall | cond_acc |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(finals, key=lambda r: (-r["tflops"], r["recipe"], r.get("guidance", 0))):
+        ratio = f"{r['tflops'] / base['tflops']:.2f}x" if base else ""
         over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(params.yaml)"
-        lines.append(f"| {name} | {over} | {r['step']} | {ratio('tflops')} | {r['train_s']:.0f} ({r['threads']}) | "
-                     f"{r['fid']:.3f} ± {r['fid_std']:.3f} | {r['kid']:.4f} | "
+        lines.append(f"| {r['recipe']} | {over} | {r['step']} | {ratio} | {r['train_s']:.0f} ({r['threads']}) | "
+                     f"{r.get('guidance', '')} | {r['fid']:.3f} ± {r['fid_std']:.3f} | {r['kid']:.4f} | "
                      f"{r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.4f} |")
     return "\n".join(lines)
 
@@ -198,7 +213,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name in sorted({r["recipe"] for r in rows}):
-        rs = sorted((r for r in rows if r["recipe"] == name), key=lambda r: r["tflops"])
+        mine = [r for r in rows if r["recipe"] == name]
+        first = next((r.get("guidance") for r in mine if r["final"]), None)  # the curve at the first final scale
+        rs = sorted((r for r in mine if not r["final"] or r.get("guidance") == first), key=lambda r: r["tflops"])
         for ax, key in zip(axes, ("fid", "cond_acc")):
             ax.plot([r["tflops"] for r in rs], [r[key] for r in rs], marker="o", label=name)
     floor = [r["fid_floor"] for r in rows if "fid_floor" in r]
@@ -220,6 +237,8 @@ def main(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="extra override key=value for --name")] = None,
     name: Annotated[Optional[str], typer.Option(help="name of the recipe made by --recipe plus --set")] = None,
     every: Annotated[int, typer.Option(help="evaluate every this many steps (and at the end)")] = 175,
+    guidance: Annotated[Optional[list[float]], typer.Option(
+        help="score the final model at this guidance scale (repeatable; default: the sample section's)")] = None,
     jobs: Annotated[int, typer.Option(help="recipes trained at once, one thread each when more than one")] = 1,
     one: Annotated[Optional[str], typer.Option(hidden=True, help="internal: run this JSON recipe here")] = None,
     show: Annotated[bool, typer.Option("--table", help="print the table and write the plot of what has run")] = False,
@@ -231,7 +250,7 @@ def main(
     with user_errors():
         if one is not None:
             spec = json.loads(one)
-            run_recipe(spec["name"], spec["overrides"], every, workspace, out)
+            run_recipe(spec["name"], spec["overrides"], every, workspace, out, guidance or [])
             return
         if list_:
             for k, v in RECIPES.items():
@@ -252,7 +271,8 @@ def main(
         todo = [s for s in specs if not (out / f"{s['name']}.jsonl").exists()]
         env = os.environ | ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if jobs > 1 else {})
         for i in range(0, len(todo), jobs):
-            procs = [subprocess.Popen([sys.executable, __file__, "--every", str(every), "--one", json.dumps(s),
+            scales = [a for g in guidance or [] for a in ("--guidance", str(g))]
+            procs = [subprocess.Popen([sys.executable, __file__, "--every", str(every), *scales, "--one", json.dumps(s),
                                        "--workspace", str(workspace), "--out", str(out)], env=env, cwd=REPO)
                      for s in todo[i:i + jobs]]
             if any(p.wait() for p in procs):

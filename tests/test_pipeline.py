@@ -190,15 +190,17 @@ def test_recipes_bench_trains_and_scores_what_the_pipeline_does(project, tmp_pat
     as sample + evaluate do: its final row is the pipeline's metrics.json, and its earlier rows score one seed set."""
     run(["dvc", "repro"], project)  # the outputs of params.yaml as it is (an earlier test may have run an experiment)
     out = run([sys.executable, "bench/recipes.py", "--workspace", str(project), "--out", str(tmp_path),
-               "--recipe", "default", "--every", "100"], REPO)
+               "--recipe", "default", "--every", "100", "--guidance", "1", "--guidance", "3"], REPO)
     rows = [json.loads(line) for line in (tmp_path / "default.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [100, 200, 280] and [r["final"] for r in rows] == [False, False, True]
-    assert [r["n_seed_sets"] for r in rows] == [1, 1, 3] and rows[0]["n_samples"] == 20  # 10 of each prompt's 30
+    assert [r["step"] for r in rows] == [100, 200, 280, 280] and [r["final"] for r in rows] == [False] * 2 + [True] * 2
+    assert [r["n_seed_sets"] for r in rows] == [1, 1, 3, 3] and rows[0]["n_samples"] == 20  # 10 of each prompt's 30
     assert rows[0]["tflops"] * 2 == pytest.approx(rows[1]["tflops"], rel=1e-3) and rows[-1]["train_s"] > 0
-    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert [r["guidance"] for r in rows] == [3.0, 3.0, 1.0, 3.0]  # along the way: the sample section's scale
+    metrics = json.loads((project / "reports/metrics.json").read_text())  # TINY's sample.guidance is 3
     for key in ("fid", "fid_std", "kid", "precision", "recall", "cond_acc", "fid_floor"):
         assert rows[-1][key] == pytest.approx(metrics[key], rel=2e-4, abs=1e-5), key  # metrics.json: 5 digits
-    assert "| default | (params.yaml) | 280 | 1.00x |" in out.stdout and (tmp_path / "curves.png").is_file()
+    assert rows[2]["fid"] != rows[3]["fid"] and (tmp_path / "curves.png").is_file()
+    assert "| default | (params.yaml) | 280 | 1.00x |" in out.stdout and "| 1.0 | " in out.stdout
 
 
 def test_guidance_curve_at_the_sample_sections_scale_is_the_pipelines_metrics(project, tmp_path):
