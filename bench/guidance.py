@@ -22,10 +22,10 @@ import torch
 import typer
 import yaml
 
-from pipeline import parse_overrides  # bench/pipeline.py: dotted-key params overrides
 from recipes import REPO, Evaluator, apply  # bench/recipes.py: the pipeline's sampling and scoring
 from sdlib.cli import user_errors
 from sdlib.ldm import load_ldm
+from sdlib.presets import parse_overrides
 
 app = typer.Typer(add_completion=False)
 KEYS = ("fid", "kid", "precision", "recall", "cond_acc")

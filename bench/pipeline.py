@@ -32,6 +32,7 @@ import yaml
 
 from sdlib.cli import user_errors
 from sdlib.errors import ConfigError
+from sdlib.presets import parse_overrides, set_params
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = ("data/", "models/", "checkpoints/", "mlruns/", "mlartifacts/", "mlflow.db", "dvc.lock")  # not copied
@@ -68,30 +69,6 @@ def copy_repo(dst: Path, with_lock: bool = True) -> None:
             shutil.copy2(REPO / f, dst / f)
     if with_lock:
         (dst / "dvc.lock").write_text(git("show", "HEAD:dvc.lock"))
-
-
-def parse_overrides(items: list[str], option: str = "--params-override") -> dict[str, object]:
-    """["a.b=value", ...] -> {"a.b": the YAML value}; an item without "=" is an error naming `option`."""
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"{option}: expected key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def set_params(params: dict, overrides: dict[str, object], option: str = "--params-override") -> dict:
-    """params['a']['b'] = value for each dotted key `a.b` (in place); the key must already exist (catches typos)."""
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = params
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            raise ConfigError(f"{option}: params.yaml has no key {key!r}")
-        node[leaf] = value
-    return params
 
 
 def apply_overrides(params: dict, overrides: list[str]) -> dict:
