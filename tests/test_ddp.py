@@ -189,7 +189,7 @@ def tiny_params(path: Path, **unet: object) -> Path:
 def train(stage: str, data: Path, out: Path, procs: int, params: Path, check: bool = True):
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
     files = {"train_unet": ["--latents", str(data / "latents"), "--captions", str(data / "captions"),
-                            "--out", str(out / "unet")],
+                            "--out", str(out / "unet"), "--samples", str(out / "train_samples")],
              "train_vae": ["--out", str(out / "vae.safetensors")]}[stage]
     cmd = [sys.executable, *launch, "-m", f"stages.{stage}", "--params", str(params), "--data",
            str(data / "processed"), *files, "--metrics", str(out / "m.json"), "--curve", str(out / "c.csv"),

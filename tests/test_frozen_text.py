@@ -82,7 +82,7 @@ def write_params(path: Path, **text: object) -> Path:
     repo.update(seed=0, epochs=2)
     repo["text"] = {**repo["text"], "hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_length": 8, **text}
     repo["unet"] = {**repo["unet"], "model_channels": 16, "channel_mult": [1, 2], "num_heads": 2, "batch_size": 32,
-                    "warmup": 0, "log_every": 2}
+                    "warmup": 0, "log_every": 2, "samples": {**repo["unet"]["samples"], "every": 0}}
     repo["sample"] = {**repo["sample"], "steps": 2, "sampler": "euler", "n_per_prompt": 2}
     path.write_text(yaml.safe_dump(repo))
     return path
@@ -152,7 +152,8 @@ def trained(work, tmp_path_factory) -> Path:
         mp.setattr(PretrainedTextEncoder, "forward", lambda self, ids: pytest.fail("train_unet ran the frozen encoder"))
         done = invoke("train_unet", "--params", params, "--data", work / "processed", "--latents", work / "latents",
                       "--captions", root / "captions", "--out", root / "unet", "--metrics", root / "m.json",
-                      "--curve", root / "c.csv", "--checkpoint", root / "ckpt.pt", "--device", "cpu")
+                      "--curve", root / "c.csv", "--samples", root / "train_samples", "--checkpoint", root / "ckpt.pt",
+                      "--device", "cpu")
     assert done.exit_code == 0, done.output
     return root
 
@@ -261,7 +262,8 @@ def test_train_unet_needs_matching_encoded_captions(work, trained, tmp_path):
     def train(params, captions):
         return invoke("train_unet", "--params", params, "--data", work / "processed", "--latents", work / "latents",
                       "--captions", captions, "--out", tmp_path / "unet", "--metrics", tmp_path / "m.json",
-                      "--curve", tmp_path / "c.csv", "--checkpoint", tmp_path / "ckpt.pt", "--device", "cpu")
+                      "--curve", tmp_path / "c.csv", "--samples", tmp_path / "train_samples",
+                      "--checkpoint", tmp_path / "ckpt.pt", "--device", "cpu")
 
     one_line_error(train(write_params(tmp_path / "p.yaml"), tmp_path / "none"),
                    "no captions.safetensors (run the encode_captions stage first)")
