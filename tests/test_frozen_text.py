@@ -185,6 +185,29 @@ def test_sample_and_visualize_draw_an_unseen_prompt(work, trained, tmp_path):
     assert (tmp_path / "figures" / "attention.png").is_file()
 
 
+def test_training_grids_draw_through_the_frozen_encoder(work, trained, tmp_path):
+    """Grids on: the same weights as without them, and the last grid is what `sample` draws from the saved model."""
+    from test_train_grids import grid_frames
+
+    from sdlib.samples import draw, load_model, plan
+
+    params = yaml.safe_load((trained / "params.yaml").read_text())
+    params["unet"]["samples"] = {**params["unet"]["samples"], "every": 1, "prompts": [UNSEEN, "3"], "steps": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = invoke("train_unet", "--params", tmp_path / "params.yaml", "--data", work / "processed", "--latents",
+                  work / "latents", "--captions", trained / "captions", "--vae", work / "vae.safetensors",
+                  "--out", tmp_path / "unet", "--metrics", tmp_path / "m.json", "--curve", tmp_path / "c.csv",
+                  "--samples", tmp_path / "grids", "--checkpoint", tmp_path / "ckpt.pt", "--device", "cpu")
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
+    ours, theirs = (load_weights(f / "unet" / "model.safetensors")[0] for f in (tmp_path, trained))
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    model, vae, prompts, _ = load_model(tmp_path / "unet", work / "vae.safetensors", "cpu")
+    cfg = config.parse_section("unet", params["unet"]).samples
+    drawn = torch.cat([images for _, images in draw(model, vae, prompts, cfg, plan(cfg, {}), hw=(8, 8))])
+    assert torch.equal(grid_frames(tmp_path / "grids" / "epoch_0002.png", list(cfg.prompts), 2, (8, 8)), drawn)
+
+
 def test_prompts_read_the_frozen_encoder_through_the_projection(work, trained):
     """From the folder alone: its tokenizer, the re-loaded encoder and the learned projection, for any prompt."""
     model, _ = load_ldm(trained / "unet" / "model.safetensors")
