@@ -12,7 +12,7 @@ from sdlib.ldm import DiffusionArgs, LatentDiffusion
 from sdlib.models.text import TextEncoderArgs, write_clip_tokenizer_files
 from sdlib.models.unet import UNetArgs
 from sdlib.models.vae import AutoencoderKL, VAEArgs, save_vae
-from sdlib.training.grids import TrainingGrids, grid_name
+from sdlib.training.grids import TrainingGrids, grid_name, row_label
 from sdlib.training.latent_diffusion import LatentDiffusionLoss
 from sdlib.training.loop import EMA, Batches, Checkpointer, adamw, fit
 
@@ -79,7 +79,7 @@ def grid_frames(path, prompts: list[str], n: int, hw: tuple[int, int]) -> torch.
     """The frames a grid PNG shows, (len(prompts) * n, 1, H, W) uint8 row by row: prompt r's image c at row r, column c
     (grayscale grids)."""
     image = np.asarray(Image.open(path))
-    layout = grid_layout(len(prompts), n, hw, 1, prompts, 1)
+    layout = grid_layout(len(prompts), n, hw, 1, [row_label(p) for p in prompts], 1)
     assert image.shape[1] == layout.width  # the height grows with the title's lines
     top = image.shape[0] - layout.height  # the title's extra lines
     frames = []

@@ -33,6 +33,11 @@ def grid_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}.png"
 
 
+def row_label(prompt: str) -> str:
+    """A prompt as its row's label: cut to LABEL_CHARS characters."""
+    return prompt if len(prompt) <= LABEL_CHARS else prompt[:LABEL_CHARS - 2] + ".."
+
+
 class TrainingGrids:
     """The grids of one training run in `folder` (emptied on creation): call it with each finished epoch.
 
@@ -80,10 +85,9 @@ class TrainingGrids:
 
     def _write(self, epoch: int) -> Path:
         cfg = self.cfg
-        labels = [p if len(p) <= LABEL_CHARS else p[:LABEL_CHARS - 2] + ".." for p in cfg.prompts]
         image, _ = labelled_grid(self.frames[epoch], [f"image {i + 1}" for i in range(cfg.n_per_prompt)],
                                  f"epoch {epoch} of {self.epochs}, EMA weights: {cfg.sampler}, {cfg.steps} steps, "
-                                 f"guidance {cfg.guidance:g}", labels)
+                                 f"guidance {cfg.guidance:g}", [row_label(p) for p in cfg.prompts])
         path = self.folder / grid_name(epoch)
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")
