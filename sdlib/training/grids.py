@@ -58,9 +58,8 @@ class TrainingGrids:
             self.model = LatentDiffusion(unet=model.unet_args, text=model.text_args, diffusion=model.diffusion,
                                          latent_hw=model.latent_hw).to(device).eval()
             self.vae = load_vae(vae, device)
-            # a frozen pretrained encoder is not trained, so not in the EMA: attached after each copy (`_ema_weights`)
-            self.frozen = load_pretrained_text_encoder(model.text_args.pretrained)[0].to(device) \
-                if model.frozen_text else None
+            if model.frozen_text:  # not trained, so not in the EMA; registered last, after the parameters it shadows
+                self.model.text = load_pretrained_text_encoder(model.text_args.pretrained)[0].to(device)
         self.prompts = Prompts(tokenizer, self.model)
         self.jobs, self.hw = plan(cfg, {}), drawn_size(self.model, self.vae, None, None)
 
@@ -71,18 +70,12 @@ class TrainingGrids:
         """At the end of `epoch`: draw and write its grid if one is due; its path, else None."""
         if not self.due(epoch):
             return None
-        self._ema_weights()
+        self.ema.copy_to(self.model)
         self.frames[epoch] = torch.cat([images for _, images in draw(self.model, self.vae, self.prompts, self.cfg,
                                                                      self.jobs, hw=self.hw)])  # (P * n, C, H, W)
         return self._write(epoch)
 
-    def _ema_weights(self) -> None:
-        if self.frozen is not None:
-            self.model.text = None  # EMA's shadow follows the trained parameters, in order
         self.ema.copy_to(self.model)
-        if self.frozen is not None:
-            self.model.text = self.frozen
-
     def _write(self, epoch: int) -> Path:
         cfg = self.cfg
         image, _ = labelled_grid(self.frames[epoch], [f"image {i + 1}" for i in range(cfg.n_per_prompt)],
