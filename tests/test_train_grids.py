@@ -86,7 +86,7 @@ def grid_frames(path, prompts: list[str], n: int, hw: tuple[int, int]) -> torch.
     for r in range(len(prompts)):
         for c in range(n):
             left, y, right, bottom = layout.frame_box(r, c)
-            frames.append(image[top + y:top + bottom:layout.scale, left:right:layout.scale])  # one pixel per frame pixel
+            frames.append(image[top + y:top + bottom:layout.scale, left:right:layout.scale])  # (H, W): 1 px each
     return torch.from_numpy(np.stack(frames))[:, None]
 
 
