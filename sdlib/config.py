@@ -160,7 +160,7 @@ class TrainSamplesConfig(SampleConfig):
 
     every: int = Field(0, ge=0)  # epochs between grids (one is also drawn after the last epoch); 0: none
     n_per_prompt: int = Field(2, ge=1)  # a grid's columns; its rows are the prompts
-    steps: int = Field(10, ge=1, le=1000)  # half of `sample.steps`: 10 prompts x 2 cost about 1.5 s on one CPU thread
+    steps: int = Field(10, ge=1, le=1000)  # half of `sample.steps`: 10 prompts x 2, default U-Net: ~1.5 s, one CPU thread
     batch_size: int = Field(100, ge=1)  # images drawn at once
 
 
