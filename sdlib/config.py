@@ -110,6 +110,7 @@ class UNetConfig(_TrainingLoop):
     min_snr_gamma: float = Field(0.0, ge=0.0)  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: DDPM's simple loss
     timesteps: Literal["uniform", "lognormal"] = "uniform"  # how training draws t (lognormal: in sigma, as EDM)
     warmup: int = Field(200, ge=0)  # learning-rate warm-up steps (at most a tenth of the run), then cosine decay
+    samples: TrainSamplesConfig = Field(default_factory=lambda: TrainSamplesConfig())  # grids drawn while training
 
     @field_validator("attention_levels")
     @classmethod
@@ -154,6 +155,19 @@ class SampleConfig(_Section):
         if not v or any(not p.strip() for p in v):
             raise ValueError("must be a non-empty list of non-empty prompts")
         return v
+
+
+class TrainSamplesConfig(SampleConfig):
+    """Grids drawn with the EMA weights while the U-Net trains (`unet.samples`): the `sample` keys, at a cheaper
+    default, and how often. Every grid draws from the same seeds, so a user sees the same images take shape."""
+
+    every: int = Field(0, ge=0)  # epochs between grids (one is also drawn after the last epoch); 0: none
+    n_per_prompt: int = Field(2, ge=1)  # a grid's columns; its rows are the prompts
+    steps: int = Field(10, ge=1, le=1000)  # half of `sample.steps`: 10 prompts x 2, default U-Net: ~1.5 s, one CPU thread
+    batch_size: int = Field(100, ge=1)  # images drawn at once
+
+
+UNetConfig.model_rebuild()  # `samples` refers to TrainSamplesConfig, defined after it
 
 
 class EvaluateConfig(_Section):

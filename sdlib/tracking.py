@@ -202,13 +202,14 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
-def log_artifact(path: str | Path) -> None:
+def log_artifact(path: str | Path, folder: str | None = None) -> None:
+    """Log a file to the active run's artifacts, in `folder` of them (None: at the top)."""
     if not enabled():
         return
     import mlflow
 
     if mlflow.active_run() is not None and Path(path).exists():
-        mlflow.log_artifact(str(path))
+        mlflow.log_artifact(str(path), artifact_path=folder)
 
 
 def log_pipeline_run(params: dict, metrics: dict[str, float], artifacts: list[Path]) -> None:

@@ -17,9 +17,11 @@ from sdlib.data.encoded_captions import FILE as CAPTIONS_FILE
 from sdlib.data.encoded_captions import load_encoded_captions
 from sdlib.data.latents import load_latents
 from sdlib.data.splits import load_split
+from sdlib.diffusion.samplers import check_sampler
 from sdlib.errors import DataError
 from sdlib.io import atomic_dir, fingerprint, write_csv, write_json
 from sdlib.ldm import save_ldm
+from sdlib.training.grids import TrainingGrids
 from sdlib.training.latent_diffusion import unet_training
 from sdlib.training.loop import Checkpointer, distributed, fit
 
@@ -32,14 +34,19 @@ def main(
     data: Annotated[Path, typer.Option(help="preprocessed dataset folder (captions)")] = Path("data/processed"),
     latents: Annotated[Path, typer.Option(help="encoded latents folder")] = Path("data/latents"),
     captions: Annotated[Path, typer.Option(help="encoded captions folder (ids, states, tokenizer)")] = Path("data/captions"),
+    vae: Annotated[Path, typer.Option(help="VAE weights, to decode the grids drawn while training")] = Path(
+        "models/vae.safetensors"),
     out: Annotated[Path, typer.Option(help="model folder to write (weights + tokenizer)")] = Path("models/unet"),
     metrics: Annotated[Path, typer.Option(help="metrics JSON")] = Path("reports/train_unet.json"),
     curve: Annotated[Path, typer.Option(help="loss-per-epoch CSV (a DVC plot)")] = Path("reports/curves/unet.csv"),
+    samples: Annotated[Path, typer.Option(help="folder of the grids drawn every unet.samples.every epochs")] = Path(
+        "reports/train_samples"),
     checkpoint: Annotated[Path, typer.Option(help="resumable training state")] = Path("checkpoints/train_unet.pt"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] (under torchrun: cuda:LOCAL_RANK)")] = "auto",
 ) -> None:
     """Train the U-Net noise predictor on VAE latents, conditioned on captions through a CLIP text encoder (or a
-    frozen pretrained one, `text.pretrained`).
+    frozen pretrained one, `text.pretrained`). Every `unet.samples.every` epochs, and after the last, a grid of
+    samples drawn with the EMA weights from fixed seeds: SAMPLES/epoch_XXXX.png, also logged to MLflow.
 
     Data-parallel on N GPUs (or CPU processes): `torchrun --nproc_per_node N -m stages.train_unet ...`.
     """
@@ -47,7 +54,8 @@ def main(
         raw = config.read_params(params)
         cfg, text_cfg = config.parse_section("unet", raw.get("unet")), config.parse_section("text", raw.get("text"))
         epochs, seed = config.top_level(raw, "epochs"), config.top_level(raw, "seed")
-        check_outputs(out, metrics, curve, checkpoint)
+        check_sampler(cfg.samples.sampler, "unet.samples.sampler")
+        check_outputs(out, metrics, curve, samples, checkpoint)
         lat = load_latents(latents, "train")
         split = load_split(data, "train")
         if len(split) != len(lat):
@@ -61,11 +69,20 @@ def main(
             inputs = (latents / "train.safetensors", captions / CAPTIONS_FILE)
             ckpt = Checkpointer(checkpoint, fingerprint(run_params, files=inputs))
             with tracking.stage_run("train_unet", run_params) if dist.is_main else contextlib.nullcontext():
+                grids = TrainingGrids(cfg.samples, model=model, ema=ema, vae=vae, tokenizer=captions / "tokenizer",
+                                      epochs=epochs, folder=samples,
+                                      on_write=lambda path: tracking.log_artifact(path, "train_samples")
+                                      ) if dist.is_main else None
+
+                def on_epoch(row: dict) -> None:
+                    tracking.log_metrics(row, step=row["epoch"])
+                    grids(row["epoch"])
+
                 history = fit(model=model, loss_fn=run.loss_fn, optimizer=run.optimizer, total_steps=total,
                               steps_per_epoch=run.steps_per_epoch, seed=seed, device=dev, checkpointer=ckpt,
                               checkpoint_every=cfg.checkpoint_every, ema=ema, scheduler=run.scheduler,
-                              on_epoch=lambda row: tracking.log_metrics(row, step=row["epoch"]), desc="train_unet",
-                              dist=dist, log_every=cfg.log_every, autocast=run.autocast)
+                              on_epoch=on_epoch, desc="train_unet", dist=dist, log_every=cfg.log_every,
+                              autocast=run.autocast, extra_state={"grids": grids} if grids is not None else None)
                 if not dist.is_main:  # rank 0 alone writes the outputs
                     return
                 ema.copy_to(model)
@@ -79,7 +96,7 @@ def main(
         write_json(metrics, result)
         write_csv(curve, pd.DataFrame(history.rows))
         ckpt.clear()
-        wrote(out, metrics, curve)
+        wrote(out, metrics, curve, *grids.paths())
         print(f"train_unet: {total} steps, final loss {result['loss']:.4f}")
 
 if __name__ == "__main__":

@@ -40,8 +40,10 @@ def workspace(tmp_path, monkeypatch, tiny_models):
 
 def set_param(path, dotted, value):
     params = yaml.safe_load(path.read_text())
-    section, _, key = dotted.rpartition(".")
-    target = params[section] if section else params
+    *sections, key = dotted.split(".")
+    target = params
+    for section in sections:  # nested sections too: unet.samples.every
+        target = target[section]
     if value is DROP:
         del target[key]
     else:
@@ -71,6 +73,8 @@ CASES = [
     ("train_unet", ("unet", DROP), [], "missing section 'unet'", "models/unet"),
     ("train_unet", ("unet.num_heads", 3), [], "bad value for 'unet.num_heads' (3): Value error, must divide",
      "models/unet"),
+    ("train_unet", ("unet.samples.every", -1), [], "bad value for 'unet.samples.every' (-1)", "models/unet"),
+    ("train_unet", ("unet.samples.sampler", "magic"), [], "bad value for 'unet.samples.sampler'", "models/unet"),
     ("train_unet", None, ["--latents", "latents-nometa"], "no meta.json (run the encode_latents stage first)",
      "models/unet"),
     ("train_unet", None, ["--latents", "latents-badmeta"], "corrupt latents", "models/unet"),

@@ -24,6 +24,13 @@ def test_dvc_set_strings_are_coerced():
     assert fast.compile is True and fast.log_every == 10 and fast.precision == "bf16"
 
 
+def test_training_grids_are_off_unless_asked_and_take_dvc_strings():
+    assert config.parse_section("unet", {}).samples.every == 0
+    grids = config.parse_section("unet", {"samples": {"every": "5", "steps": "4"}}).samples
+    assert (grids.every, grids.steps, grids.n_per_prompt) == (5, 4, 2)
+    assert config.flatten({"unet": config.parse_section("unet", {})})["unet.samples.every"] == 0  # MLflow's name
+
+
 def test_fast_path_defaults_are_cpu_safe():
     for section in ("unet", "vae"):
         cfg = config.parse_section(section, {})
@@ -37,6 +44,10 @@ def test_fast_path_defaults_are_cpu_safe():
         ("unet", {"lr": -1}, "bad value for 'unet.lr'"),
         ("unet", {"typo": 1}, "unknown key 'unet.typo'"),
         ("unet", {"skip": "mul"}, "bad value for 'unet.skip'"),
+        ("unet", {"samples": {"every": -1}}, "bad value for 'unet.samples.every' (-1)"),
+        ("unet", {"samples": {"every": 5, "prompts": []}}, "bad value for 'unet.samples.prompts'"),
+        ("unet", {"samples": {"evry": 5}}, "unknown key 'unet.samples.evry'"),
+        ("unet", {"samples": 5}, "bad value for 'unet.samples' (5)"),
         ("unet", {"channel_mult": [1, 2], "attention_levels": [2]}, "bad value for 'unet.attention_levels'"),
         ("sample", {"guidance": float("inf")}, "bad value for 'sample.guidance' (inf)"),
         ("unet", {"model_channels": 64, "num_heads": 3}, "bad value for 'unet.num_heads' (3)"),

@@ -27,6 +27,7 @@ from sdlib.diffusion.denoisers import Denoiser
 from sdlib.diffusion.schedules import alphas_cumprod, betas
 from sdlib.errors import ConfigError
 from sdlib.models.unet import UNet, UNetArgs
+from sdlib.models.vae import AutoencoderKL, VAEArgs, save_vae
 from sdlib.training.loop import (
     EMA,
     Batches,
@@ -159,6 +160,9 @@ def tiny_data(tmp_path_factory) -> Path:
     mean, std = torch.randn(len(train), 4, 8, 8, generator=gen), 0.1 * torch.rand(len(train), 4, 8, 8, generator=gen)
     write_latents(root / "latents", {"train": (mean, std, train.labels)})
     write_encoded_captions(root / "captions", train.captions, max_length=8)  # tiny_params' text.max_length
+    with torch.random.fork_rng(devices=[]):  # a VAE for train_unet's sample grids, 8x8 latents -> 16x16 digits
+        torch.manual_seed(0)
+        save_vae(root / "vae.safetensors", AutoencoderKL(VAEArgs(in_channels=1, base_channels=8, channel_mult=(1, 2))))
     return root
 
 
@@ -189,7 +193,8 @@ def tiny_params(path: Path, **unet: object) -> Path:
 def train(stage: str, data: Path, out: Path, procs: int, params: Path, check: bool = True):
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
     files = {"train_unet": ["--latents", str(data / "latents"), "--captions", str(data / "captions"),
-                            "--out", str(out / "unet")],
+                            "--vae", str(data / "vae.safetensors"), "--out", str(out / "unet"),
+                            "--samples", str(out / "train_samples")],
              "train_vae": ["--out", str(out / "vae.safetensors")]}[stage]
     cmd = [sys.executable, *launch, "-m", f"stages.{stage}", "--params", str(params), "--data",
            str(data / "processed"), *files, "--metrics", str(out / "m.json"), "--curve", str(out / "c.csv"),
@@ -203,7 +208,9 @@ def train(stage: str, data: Path, out: Path, procs: int, params: Path, check: bo
 @pytest.mark.parametrize("stage, weights", [("train_unet", "unet/model.safetensors"),
                                             ("train_vae", "vae.safetensors")])
 def test_stage_on_two_processes_matches_one(stage, weights, tiny_data, tmp_path):
-    params = tiny_params(tmp_path / "params.yaml")
+    """Also with train_unet's sample grids on, which rank 0 alone draws and writes."""
+    grids = {"samples": {"every": 2, "steps": 2}} if stage == "train_unet" else {}
+    params = tiny_params(tmp_path / "params.yaml", **grids)
     train(stage, tiny_data, tmp_path / "one", 1, params)
     train(stage, tiny_data, tmp_path / "two", 2, params)
     one, two = load_file(str(tmp_path / "one" / weights)), load_file(str(tmp_path / "two" / weights))
@@ -214,6 +221,10 @@ def test_stage_on_two_processes_matches_one(stage, weights, tiny_data, tmp_path)
     curves = [pd.read_csv(tmp_path / run / "c.csv") for run in ("one", "two")]
     assert curves[1]["loss"].values == pytest.approx(curves[0]["loss"].values, rel=tol)
     assert not (tmp_path / "two" / "ckpt.pt").exists()
+    if stage == "train_unet":  # epochs 2 and 3 (the last) of 3
+        for run in ("one", "two"):
+            assert sorted(p.name for p in (tmp_path / run / "train_samples").iterdir()) == ["epoch_0002.png",
+                                                                                        "epoch_0003.png"]
 
 
 def test_batch_not_divisible_by_processes_is_one_line(tiny_data, tmp_path):

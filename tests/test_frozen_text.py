@@ -82,7 +82,7 @@ def write_params(path: Path, **text: object) -> Path:
     repo.update(seed=0, epochs=2)
     repo["text"] = {**repo["text"], "hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_length": 8, **text}
     repo["unet"] = {**repo["unet"], "model_channels": 16, "channel_mult": [1, 2], "num_heads": 2, "batch_size": 32,
-                    "warmup": 0, "log_every": 2}
+                    "warmup": 0, "log_every": 2, "samples": {**repo["unet"]["samples"], "every": 0}}
     repo["sample"] = {**repo["sample"], "steps": 2, "sampler": "euler", "n_per_prompt": 2}
     path.write_text(yaml.safe_dump(repo))
     return path
@@ -152,7 +152,8 @@ def trained(work, tmp_path_factory) -> Path:
         mp.setattr(PretrainedTextEncoder, "forward", lambda self, ids: pytest.fail("train_unet ran the frozen encoder"))
         done = invoke("train_unet", "--params", params, "--data", work / "processed", "--latents", work / "latents",
                       "--captions", root / "captions", "--out", root / "unet", "--metrics", root / "m.json",
-                      "--curve", root / "c.csv", "--checkpoint", root / "ckpt.pt", "--device", "cpu")
+                      "--curve", root / "c.csv", "--samples", root / "train_samples", "--checkpoint", root / "ckpt.pt",
+                      "--device", "cpu")
     assert done.exit_code == 0, done.output
     return root
 
@@ -182,6 +183,29 @@ def test_sample_and_visualize_draw_an_unseen_prompt(work, trained, tmp_path):
                   "--device", "cpu")
     assert done.exit_code == 0, done.output
     assert (tmp_path / "figures" / "attention.png").is_file()
+
+
+def test_training_grids_draw_through_the_frozen_encoder(work, trained, tmp_path):
+    """Grids on: the same weights as without them, and the last grid is what `sample` draws from the saved model."""
+    from test_train_grids import grid_frames
+
+    from sdlib.samples import draw, load_model, plan
+
+    params = yaml.safe_load((trained / "params.yaml").read_text())
+    params["unet"]["samples"] = {**params["unet"]["samples"], "every": 1, "prompts": [UNSEEN, "3"], "steps": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = invoke("train_unet", "--params", tmp_path / "params.yaml", "--data", work / "processed", "--latents",
+                  work / "latents", "--captions", trained / "captions", "--vae", work / "vae.safetensors",
+                  "--out", tmp_path / "unet", "--metrics", tmp_path / "m.json", "--curve", tmp_path / "c.csv",
+                  "--samples", tmp_path / "grids", "--checkpoint", tmp_path / "ckpt.pt", "--device", "cpu")
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
+    ours, theirs = (load_weights(f / "unet" / "model.safetensors")[0] for f in (tmp_path, trained))
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    model, vae, prompts, _ = load_model(tmp_path / "unet", work / "vae.safetensors", "cpu")
+    cfg = config.parse_section("unet", params["unet"]).samples
+    drawn = torch.cat([images for _, images in draw(model, vae, prompts, cfg, plan(cfg, {}), hw=(8, 8))])
+    assert torch.equal(grid_frames(tmp_path / "grids" / "epoch_0002.png", list(cfg.prompts), 2, (8, 8)), drawn)
 
 
 def test_prompts_read_the_frozen_encoder_through_the_projection(work, trained):
@@ -261,7 +285,8 @@ def test_train_unet_needs_matching_encoded_captions(work, trained, tmp_path):
     def train(params, captions):
         return invoke("train_unet", "--params", params, "--data", work / "processed", "--latents", work / "latents",
                       "--captions", captions, "--out", tmp_path / "unet", "--metrics", tmp_path / "m.json",
-                      "--curve", tmp_path / "c.csv", "--checkpoint", tmp_path / "ckpt.pt", "--device", "cpu")
+                      "--curve", tmp_path / "c.csv", "--samples", tmp_path / "train_samples",
+                      "--checkpoint", tmp_path / "ckpt.pt", "--device", "cpu")
 
     one_line_error(train(write_params(tmp_path / "p.yaml"), tmp_path / "none"),
                    "no captions.safetensors (run the encode_captions stage first)")

@@ -1,7 +1,8 @@
 """End to end: the whole DVC pipeline on a tiny config in a temporary copy of the repository.
 
-Checks what a user gets from `dvc repro` (metrics, samples, manifest, grid, MLflow rows), that `dvc exp run -S`
-works and lands as its own MLflow row, and that a SIGKILLed `train_unet` resumes to bit-identical weights.
+Checks what a user gets from `dvc repro` (metrics, samples, manifest, grid, training grids, MLflow rows), that
+`dvc exp run -S` works and lands as its own MLflow row, and that a SIGKILLed `train_unet` resumes to bit-identical
+weights and the same training grids.
 """
 import json
 import os
@@ -41,7 +42,10 @@ TINY = {
     "unet": {"model_channels": 64, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
              "transformer_depth": 1, "num_heads": 2, "skip": "concat", "prediction": "eps",
              "beta_schedule": "scaled_linear", "num_timesteps": 1000, "batch_size": 64, "lr": 1e-3, "cond_drop": 0.1,
-             "ema_decay": 0.99, "checkpoint_every": 30},
+             "ema_decay": 0.99, "checkpoint_every": 30,
+             "samples": {"every": 10, "prompts": ["3", "a handwritten digit eight"], "n_per_prompt": 2,
+                         "sampler": "ddim", "steps": 4, "guidance": 3.0, "schedule": "auto", "negative_prompt": "",
+                         "seed": 0, "batch_size": 8}},
     "classifier": {"epochs": 4, "batch_size": 64, "lr": 3e-3, "seed": 0},
     "sample": {"prompts": ["3", "a handwritten digit eight"], "n_per_prompt": 30, "sampler": "ddim", "steps": 10,
                "guidance": 3.0, "schedule": "auto", "negative_prompt": "", "seed": 0, "batch_size": 60},
@@ -100,6 +104,9 @@ def test_repro_produces_metrics_samples_and_runs(project):
     assert manifest["label"].tolist() == [3] * 30 + [8] * 30 and manifest["seed"].is_unique
     assert all((project / p).is_file() for p in manifest["path"])
     assert (project / "reports/samples/grid.png").is_file()
+    grids = ["epoch_0010.png", "epoch_0020.png"]  # every 10 of the 20 epochs
+    assert sorted(p.name for p in (project / "reports/train_samples").iterdir()) == grids
+    assert sorted(p.name for p in project.glob("mlartifacts/**/train_samples/*.png")) == grids
     report = (project / "reports/report.md").read_text()
     assert "| FID |" in report and "](grid.png)" in report and (project / "reports/curves.png").is_file()
     assert json.loads((project / "reports/train_vae.json").read_text())["psnr"] > 5.0
@@ -157,17 +164,20 @@ def test_exp_run_is_its_own_mlflow_row(project):
 
 def test_sigkill_then_resume_is_bit_identical(project, tmp_path):
     cmd = [sys.executable, "-m", "stages.train_unet", "--params", "params.yaml", "--out", str(tmp_path / "ref"),
-           "--metrics", str(tmp_path / "m.json"), "--curve", str(tmp_path / "c.csv")]
+           "--metrics", str(tmp_path / "m.json"), "--curve", str(tmp_path / "c.csv"),
+           "--samples", str(tmp_path / "ref_grids")]
     env = {**os.environ, "SDLIB_TRACKING": "off"}
     # On the default thread count (nothing here pins it), with batches of 128: the context gradient, 128 x 8 x 32, then
     # reaches the 32,768 elements (ATen's GRAIN_SIZE) from which CPU kernels split their work across threads
-    params = {**TINY, "epochs": 8, "unet": {**TINY["unet"], "batch_size": 128}}
+    params = {**TINY, "epochs": 8, "unet": {**TINY["unet"], "batch_size": 128,
+                                           "samples": {**TINY["unet"]["samples"], "every": 3}}}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run([*cmd, "--checkpoint", str(tmp_path / "ref.pt")], cwd=project, env=env, check=True,
                    capture_output=True)
 
     ckpt = tmp_path / "cut.pt"
-    killed = [c if c != str(tmp_path / "ref") else str(tmp_path / "cut") for c in cmd]
+    killed = [{str(tmp_path / "ref"): str(tmp_path / "cut"), str(tmp_path / "ref_grids"): str(tmp_path / "cut_grids")}
+              .get(c, c) for c in cmd]
     proc = subprocess.Popen([*killed, "--checkpoint", str(ckpt)], cwd=project, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -182,6 +192,9 @@ def test_sigkill_then_resume_is_bit_identical(project, tmp_path):
     ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
     cut = load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert ref.keys() == cut.keys() and all((ref[k] == cut[k]).all() for k in ref)
+    grids = ["epoch_0003.png", "epoch_0006.png", "epoch_0008.png"]  # every 3 epochs and the last, none lost or redrawn
+    assert sorted(p.name for p in (tmp_path / "cut_grids").iterdir()) == grids
+    assert all((tmp_path / "cut_grids" / g).read_bytes() == (tmp_path / "ref_grids" / g).read_bytes() for g in grids)
     (project / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
 
 

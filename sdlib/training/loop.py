@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -276,6 +276,7 @@ def fit(
     log_every: int = 50,
     autocast: torch.dtype | None = None,
     on_step: Callable[[int], None] | None = None,
+    extra_state: dict[str, Any] | None = None,
 ) -> History:
     """Run `total_steps` optimiser steps of `loss_fn(step, generator) -> (loss, logs)`, resuming if possible.
 
@@ -283,8 +284,11 @@ def fit(
     Values stay on the device and are read (averaged over ranks, checked for non-finite values) every `log_every`
     steps, at epoch ends and before each checkpoint, which is saved by rank 0 only and never with non-finite weights.
     `on_epoch` runs on rank 0 only, as does `on_step(done)` after every step (e.g. an evaluation every N steps);
-    `autocast` runs `loss_fn` under torch.autocast with that dtype.
+    `autocast` runs `loss_fn` under torch.autocast with that dtype. `extra_state` names more objects with
+    `state_dict()` and `load_state_dict()` that the checkpoint saves and a resumed run restores (e.g. the sample grids
+    that `on_epoch` draws).
     """
+    extra_state = extra_state or {}
     history = History()
     start = 0
     state = checkpointer.load()
@@ -296,6 +300,9 @@ def fit(
         if ema is not None:
             ema.load_state_dict(state["ema"])
         history.load_state_dict(state["history"])
+        for name, obj in extra_state.items():
+            if name in state:
+                obj.load_state_dict(state[name])
         start = state["step"]
         if dist.is_main:
             print(f"resuming from {checkpointer.path} at step {start}/{total_steps}", file=sys.stderr)
@@ -312,6 +319,7 @@ def fit(
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "scheduler": scheduler.state_dict() if scheduler is not None else {},
                 "ema": ema.state_dict() if ema is not None else {}, "history": history.state_dict(),
+                **{name: obj.state_dict() for name, obj in extra_state.items()},
             })
 
     model.train()
