@@ -20,6 +20,7 @@ from sdlib.data.splits import Split, load_split, write_processed
 from sdlib.errors import CheckpointError, ConfigError
 from sdlib.evaluation.report import render
 from sdlib.evaluation.scoring import vae_quality
+from sdlib.export import app as export
 from sdlib.io import load_weights, save_weights
 from sdlib.models.vae import IdentityArgs, IdentityAutoencoder, encode_posteriors, load_vae, reconstruct, save_vae
 from sdlib.training.latent_diffusion import unet_training
@@ -129,3 +130,10 @@ def test_evaluate_report_and_gate_leave_out_the_reconstruction_metrics(tmp_path)
     gate = subprocess.run([sys.executable, "-m", "stages.regress", "--baseline", str(base), "--current", str(cur)],
                           capture_output=True, text=True)
     assert gate.returncode == 0 and "not compared (in one file only): vae_psnr, vae_rfid" in gate.stdout
+
+
+def test_export_refuses_a_pixel_space_model(tmp_path, tiny_models):
+    save_vae(tmp_path / "vae.safetensors", IdentityAutoencoder(IdentityArgs(in_channels=1)))
+    done = runner.invoke(export, ["--unet", str(tiny_models / "unet"), "--vae", str(tmp_path / "vae.safetensors"),
+                                  "--out", str(tmp_path / "out")])
+    assert done.exit_code == 2 and "diffuses pixels (vae.kind none)" in done.output and not (tmp_path / "out").exists()
