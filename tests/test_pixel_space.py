@@ -22,6 +22,7 @@ from sdlib.evaluation.report import render
 from sdlib.evaluation.scoring import vae_quality
 from sdlib.export import app as export
 from sdlib.io import load_weights, save_weights
+from sdlib.models.unet import UNet, UNetArgs
 from sdlib.models.vae import IdentityArgs, IdentityAutoencoder, encode_posteriors, load_vae, reconstruct, save_vae
 from sdlib.training.latent_diffusion import unet_training
 from stages.encode_latents import app as encode_latents
@@ -137,3 +138,15 @@ def test_export_refuses_a_pixel_space_model(tmp_path, tiny_models):
     done = runner.invoke(export, ["--unet", str(tiny_models / "unet"), "--vae", str(tmp_path / "vae.safetensors"),
                                   "--out", str(tmp_path / "out")])
     assert done.exit_code == 2 and "diffuses pixels (vae.kind none)" in done.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("hw, channel_mult", [((32, 32), (1, 2, 2, 2)), ((8, 8), (1, 1, 1, 1, 1)),
+                                              ((24, 24), (1, 1, 1, 1, 1))])  # 24 -> 12 -> 6 -> 3 -> 2
+def test_the_unet_takes_any_image_size(hw, channel_mult):
+    """Why no image size is refused in pixel space: where a downsampling halves an odd side, the upsampling returns to
+    the skip's size, so the U-Net runs at any data.image_size whatever unet.channel_mult is."""
+    torch.manual_seed(0)
+    unet = UNet(UNetArgs(in_channels=1, context_dim=8, model_channels=8, channel_mult=channel_mult,
+                         attention_levels=(len(channel_mult) - 1,), num_heads=2))
+    x = torch.randn(2, 1, *hw)
+    assert unet(x, torch.tensor([1, 500]), torch.randn(2, 3, 8)).shape == x.shape
