@@ -35,7 +35,9 @@ app = typer.Typer(add_completion=False)
 
 
 @app.command()
-def main(params: Annotated[Path, typer.Option(help="params.yaml to take the sizes from")] = Path("params.yaml")) -> None:
+def main(
+    params: Annotated[Path, typer.Option(help="params.yaml to take the sizes from")] = Path("params.yaml"),
+) -> None:
     """Print the training and sampling FLOPs per image of both kinds, and their ratio."""
     raw = config.read_params(params)
     data, vae_cfg = config.parse_section("data", raw["data"]), config.parse_section("vae", raw["vae"])
