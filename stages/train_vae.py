@@ -58,14 +58,16 @@ def main(
         cfg, seed = config.parse_section("vae", raw.get("vae")), config.top_level(raw, "seed")
         check_outputs(out, metrics, curve, checkpoint)
         train, test = load_split(data, "train"), load_split(data, "test")
-        if cfg.kind == "none":
-            write_identity(out, metrics, curve, train.images.shape[1], config.flatten({"vae": cfg, "seed": seed}))
-            wrote(out, metrics, curve)
-            print("train_vae: vae.kind none: nothing to train, wrote the identity (the U-Net diffuses pixels)")
-            return
         n = len(train.images)
 
         with distributed(pick_device(device)) as (dist, dev):
+            if cfg.kind == "none":  # nothing to train: rank 0 writes the identity
+                if dist.is_main:
+                    run_params = config.flatten({"vae": cfg, "seed": seed})
+                    write_identity(out, metrics, curve, train.images.shape[1], run_params)
+                    wrote(out, metrics, curve)
+                    print("train_vae: vae.kind none: nothing to train, wrote the identity (the U-Net diffuses pixels)")
+                return
             dist.check_batch(cfg.batch_size, n, "vae.batch_size")
             torch.manual_seed(seed)  # parameter initialisation only; the loop uses its own per-step generators
             args = config.args_from(cfg, VAEArgs, in_channels=train.images.shape[1])
