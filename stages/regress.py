@@ -14,7 +14,7 @@ import typer
 
 from sdlib.cli import user_errors
 from sdlib.errors import DataError
-from sdlib.evaluation.regress import RULES, K_STD, describe_machine, read_baseline, read_committed, regressions
+from sdlib.evaluation.regress import K_STD, RULES, describe_machine, read_baseline, read_committed, regressions
 
 app = typer.Typer(add_completion=False)
 SPREAD = "reports/training_spread.json"

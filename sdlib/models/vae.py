@@ -158,6 +158,10 @@ class IdentityArgs:
     in_channels: int = 1  # image channels
     factor: ClassVar[int] = 1  # no downsampling
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "IdentityArgs":
+        return cls(**d)
+
     @property
     def latent_channels(self) -> int:
         return self.in_channels
@@ -195,6 +199,7 @@ class IdentityAutoencoder(nn.Module):
 
 
 Autoencoder = AutoencoderKL | IdentityAutoencoder
+AUTOENCODERS = {"kl": (AutoencoderKL, VAEArgs), "none": (IdentityAutoencoder, IdentityArgs)}  # by vae.kind
 
 
 def vae_loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian, kl_weight: float):
@@ -248,10 +253,10 @@ def load_vae(path: Path, device: torch.device | str = "cpu") -> Autoencoder:
     tensors, meta = load_weights(path, kind="vae")
     try:
         kind = meta.get("autoencoder", "kl")
-        if kind not in ("kl", "none"):
+        if kind not in AUTOENCODERS:
             raise ValueError(f"unknown autoencoder {kind!r}")
-        vae = AutoencoderKL(VAEArgs.from_dict(meta["args"])) if kind == "kl" else IdentityAutoencoder(
-            IdentityArgs(**meta["args"]))
+        model, args = AUTOENCODERS[kind]
+        vae = model(args.from_dict(meta["args"]))
         vae.load_state_dict(tensors)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: VAE checkpoint does not match the model ({str(e).splitlines()[0]})") from None
