@@ -64,6 +64,9 @@ class _TrainingLoop(_Section):
 
 
 class VAEConfig(_TrainingLoop):
+    # kl: SD's AutoencoderKL, trained by train_vae; the U-Net diffuses its latents (Rombach et al. 2022). none: no
+    # autoencoder; the U-Net diffuses the pixels at image size, and the other vae keys are validated but not read
+    kind: Literal["kl", "none"] = "kl"
     base_channels: int = Field(32, ge=1)
     channel_mult: Levels = (1, 2, 2)  # one entry per level; len-1 downsamplings
     num_res_blocks: int = Field(1, ge=1)

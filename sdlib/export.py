@@ -97,6 +97,8 @@ def main(
                 raise ConfigError(f"the model reads a frozen text encoder (text.pretrained="
                                   f"{model.text_args.pretrained!r}); SD v1's layouts hold a CLIP text encoder only")
             autoencoder = load_vae(vae or Path("models/vae.safetensors"))
+            if autoencoder.kind == "none":
+                raise ConfigError("the model diffuses pixels (vae.kind none); SD v1's layouts hold an AutoencoderKL")
         else:
             sd = load_pretrained(pretrained, config=ARCHITECTURES[architecture or "sd_v1"], ema=weights or "ema",
                                  prediction=prediction, dtype=torch.float32)

@@ -20,7 +20,7 @@ from sdlib.diffusion.schedules import get_sigmas
 from sdlib.errors import CheckpointError, DataError, SamplingError
 from sdlib.ldm import LatentDiffusion
 from sdlib.models.text import TOKENIZER_FILES, load_pretrained_tokenizer, load_tokenizer, tokenize
-from sdlib.models.vae import AutoencoderKL
+from sdlib.models.vae import Autoencoder
 
 
 class Prompts:
@@ -86,7 +86,7 @@ def run_sigmas(model: LatentDiffusion, sampler: str, steps: int, schedule: str =
 @torch.no_grad()
 def generate(
     model: LatentDiffusion,
-    vae: AutoencoderKL,
+    vae: Autoencoder,
     prompts: Prompts,
     texts: list[str],
     seeds: list[int],

@@ -24,20 +24,20 @@ from sdlib.errors import ConfigError
 from sdlib.generate import Prompts, generate, image_seed, resolve_schedule, run_sigmas
 from sdlib.io import write_csv
 from sdlib.ldm import LatentDiffusion, load_ldm
-from sdlib.models.vae import AutoencoderKL, load_vae
+from sdlib.models.vae import Autoencoder, load_vae
 
 GRID_COLUMNS = 10  # images of each prompt shown in grid.png
 
 
 def load_model(folder: Path, vae: Path,
-               device: torch.device | str) -> tuple[LatentDiffusion, AutoencoderKL, Prompts, dict]:
+               device: torch.device | str) -> tuple[LatentDiffusion, Autoencoder, Prompts, dict]:
     """(model, VAE, prompts, checkpoint meta) from a model folder (model.safetensors + tokenizer/) and VAE weights:
     what train_unet and train_vae write, and what pretrained_convert writes for an SD checkpoint."""
     model, meta = load_ldm(folder / "model.safetensors", device)
     return model, load_vae(vae, device), Prompts(folder / "tokenizer", model), meta
 
 
-def drawn_size(model: LatentDiffusion, vae: AutoencoderKL, height: int | None, width: int | None,
+def drawn_size(model: LatentDiffusion, vae: Autoencoder, height: int | None, width: int | None,
                name: str = "--height/--width") -> tuple[int, int]:
     """The image size drawn, (H, W): as asked, else the model's; a multiple of the VAE's factor (the option `name`)."""
     factor = vae.args.factor
@@ -79,7 +79,7 @@ def schedule_record(model: LatentDiffusion, cfg: SampleConfig, strength: float |
             "timesteps": model.denoiser.sigma_to_t(sigmas[sigmas > 0]).tolist()}
 
 
-def draw(model: LatentDiffusion, vae: AutoencoderKL, prompts: Prompts, cfg: SampleConfig, jobs: list[Job], *,
+def draw(model: LatentDiffusion, vae: Autoencoder, prompts: Prompts, cfg: SampleConfig, jobs: list[Job], *,
          hw: tuple[int, int], clip_skip: int = 1, init_image: torch.Tensor | None = None,
          strength: float = 1.0) -> Iterator[tuple[list[Job], torch.Tensor]]:
     """Draw `jobs`, cfg.batch_size at a time, at size `hw`: (the batch's jobs, their uint8 images (B, C, H, W)) per
@@ -94,7 +94,7 @@ def draw(model: LatentDiffusion, vae: AutoencoderKL, prompts: Prompts, cfg: Samp
         yield batch, to_uint8(x.cpu())
 
 
-def write_samples(tmp: Path, out: Path, model: LatentDiffusion, vae: AutoencoderKL, prompts: Prompts,
+def write_samples(tmp: Path, out: Path, model: LatentDiffusion, vae: Autoencoder, prompts: Prompts,
                   cfg: SampleConfig, jobs: list[Job], *, hw: tuple[int, int], clip_skip: int = 1,
                   init_image: torch.Tensor | None = None, strength: float = 1.0, schedule: bool = False) -> None:
     """Draw `jobs` (cfg.batch_size at a time) at size `hw` into the folder `tmp`, which becomes `out`.

@@ -1,4 +1,5 @@
-"""Encode the dataset with the trained VAE and compute the latent scale factor (SD's 0.18215)."""
+"""Encode the dataset with the trained VAE and compute the latent scale factor (SD's 0.18215); with `vae.kind: none`
+the latents are the images themselves, at scale factor 1."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,7 +30,7 @@ def main(
         splits = {name: load_split(data, name) for name in ("train", "test")}
         with tracking.stage_run("encode_latents", {}):
             encoded = {name: (*encode_posteriors(vae, split.images), split.labels) for name, split in splits.items()}
-            meta = write_latents(out, encoded)
+            meta = write_latents(out, encoded, vae.scale_factor)
             tracking.log_metrics({"scale_factor": meta["scale_factor"]})
         wrote(out)
         print(f"encode_latents: latents {tuple(meta['latent_shape'])}, scale_factor {meta['scale_factor']:.5f}")

@@ -75,7 +75,8 @@ def main(
             if k in result:
                 spread = f" +- {result[k + '_std']}" if k + "_std" in result else ""
                 print(f"{k:>14}  {result[k]}{spread}")
-        print(f"{'vae_psnr':>14}  {result['vae_psnr']} dB, rFID {result['vae_rfid']}")
+        if "vae_psnr" in result:  # pixel space (vae.kind none) has no autoencoder to measure
+            print(f"{'vae_psnr':>14}  {result['vae_psnr']} dB, rFID {result['vae_rfid']}")
         print(f"{'n_samples':>14}  {result['n_samples']} per seed set x {result['n_seed_sets']} sets")
         wrote(out, confusion)
 

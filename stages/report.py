@@ -57,6 +57,7 @@ def main(
         table = pd.read_csv(confusion, dtype=str) if confusion.is_file() else pd.DataFrame(columns=["actual", "predicted"])
         stages = stage_reports(reports, metrics)
         curves = {f.stem: pd.read_csv(f) for f in sorted(reports.glob("curves/*.csv"))}
+        curves = {name: df for name, df in curves.items() if not df.empty}  # train_vae trains nothing in pixel space
 
         if curves:
             with atomic_path(curves_png) as tmp:

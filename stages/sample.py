@@ -25,7 +25,7 @@ from sdlib.errors import ConfigError
 from sdlib.generate import Prompts, load_init_image
 from sdlib.io import atomic_dir, atomic_path
 from sdlib.ldm import LatentDiffusion
-from sdlib.models.vae import AutoencoderKL
+from sdlib.models.vae import Autoencoder
 from sdlib.pretrained.load import DTYPES, load_pretrained
 from sdlib.pretrained.options import check_read_options, check_size
 from sdlib.pretrained.sd_v1 import ARCHITECTURES
@@ -54,7 +54,7 @@ def settings(params: Path | None, overrides: dict) -> config.SampleConfig:
 
 def load_models(pretrained: Path | None, unet: Path, vae: Path, architecture: str | None, weights: str | None,
                 prediction: str | None, dtype: str, device: torch.device
-                ) -> tuple[LatentDiffusion, AutoencoderKL, Prompts, dict, str]:
+                ) -> tuple[LatentDiffusion, Autoencoder, Prompts, dict, str]:
     """(model, VAE, prompts, checkpoint meta, a description for the summary line) of the trained or pretrained model."""
     if pretrained is None:
         return *load_model(unet, vae, device), ""

@@ -1,4 +1,5 @@
-"""Train the KL-regularised autoencoder that defines the latent space; report reconstruction PSNR on the test split."""
+"""Train the KL-regularised autoencoder that defines the latent space; report reconstruction PSNR on the test split.
+With `vae.kind: none` (pixel space) there is nothing to train: it writes the identity autoencoder instead."""
 from __future__ import annotations
 
 import contextlib
@@ -13,11 +14,29 @@ from sdlib import config, tracking
 from sdlib.cli import check_outputs, pick_device, user_errors, wrote
 from sdlib.data.splits import load_split
 from sdlib.io import fingerprint, write_csv, write_json
-from sdlib.models.vae import AutoencoderKL, VAEArgs, reconstruct, reconstruction_psnr, save_vae
+from sdlib.models.vae import (
+    AutoencoderKL,
+    IdentityArgs,
+    IdentityAutoencoder,
+    VAEArgs,
+    reconstruct,
+    reconstruction_psnr,
+    save_vae,
+)
 from sdlib.training.autoencoder import VAELoss
 from sdlib.training.loop import Batches, Checkpointer, adamw, distributed, fast_path, fit, steps_for, warmup_cosine
 
 app = typer.Typer(add_completion=False)
+
+
+def write_identity(out: Path, metrics: Path, curve: Path, channels: int, run_params: dict) -> None:
+    """`vae.kind: none`: the identity autoencoder of `channels`-channel images, with no loss curve to plot."""
+    result = {"params_m": 0.0}
+    with tracking.stage_run("train_vae", run_params):
+        tracking.log_metrics(result)
+        save_vae(out, IdentityAutoencoder(IdentityArgs(in_channels=channels)))
+    write_json(metrics, result)
+    write_csv(curve, pd.DataFrame(columns=["epoch", "loss"]))
 
 
 @app.command()
@@ -30,7 +49,7 @@ def main(
     checkpoint: Annotated[Path, typer.Option(help="resumable training state")] = Path("checkpoints/train_vae.pt"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] (under torchrun: cuda:LOCAL_RANK)")] = "auto",
 ) -> None:
-    """Train the VAE (SD's AutoencoderKL design) on the preprocessed images.
+    """Train the VAE (SD's AutoencoderKL design) on the preprocessed images (`vae.kind: none`: write the identity).
 
     Data-parallel on N GPUs (or CPU processes): `torchrun --nproc_per_node N -m stages.train_vae ...`.
     """
@@ -42,6 +61,13 @@ def main(
         n = len(train.images)
 
         with distributed(pick_device(device)) as (dist, dev):
+            if cfg.kind == "none":  # nothing to train: rank 0 writes the identity
+                if dist.is_main:
+                    run_params = config.flatten({"vae": cfg, "seed": seed})
+                    write_identity(out, metrics, curve, train.images.shape[1], run_params)
+                    wrote(out, metrics, curve)
+                    print("train_vae: vae.kind none: nothing to train, wrote the identity (the U-Net diffuses pixels)")
+                return
             dist.check_batch(cfg.batch_size, n, "vae.batch_size")
             torch.manual_seed(seed)  # parameter initialisation only; the loop uses its own per-step generators
             args = config.args_from(cfg, VAEArgs, in_channels=train.images.shape[1])

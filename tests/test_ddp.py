@@ -227,6 +227,14 @@ def test_stage_on_two_processes_matches_one(stage, weights, tiny_data, tmp_path)
                                                                                         "epoch_0003.png"]
 
 
+def test_pixel_space_train_vae_on_two_processes_writes_the_identity_once(tiny_data, tmp_path):
+    params = yaml.safe_load(tiny_params(tmp_path / "params.yaml").read_text())
+    params["vae"]["kind"] = "none"
+    (tmp_path / "pixels.yaml").write_text(yaml.safe_dump(params))
+    done = train("train_vae", tiny_data, tmp_path, 2, tmp_path / "pixels.yaml")
+    assert done.stdout.count("nothing to train") == 1 and load_file(str(tmp_path / "vae.safetensors")) == {}
+
+
 def test_batch_not_divisible_by_processes_is_one_line(tiny_data, tmp_path):
     params = tiny_params(tmp_path / "params.yaml", batch_size=31)
     done = train("train_unet", tiny_data, tmp_path, 2, params, check=False)

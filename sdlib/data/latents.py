@@ -41,10 +41,13 @@ def estimate_scale_factor(mean: torch.Tensor, std: torch.Tensor) -> float:
     return float(1.0 / z.std())
 
 
-def write_latents(out: str | Path, splits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict:
-    """Write {split: (mean, std, labels)} and meta.json (scale factor from the train split) as the folder `out`."""
+def write_latents(out: str | Path, splits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                  scale_factor: float | None = None) -> dict:
+    """Write {split: (mean, std, labels)} and meta.json as the folder `out`; the scale factor is the autoencoder's
+    own where it has one (pixel space: 1), else estimated from the train split."""
     mean, std, _ = splits["train"]
-    meta = {"scale_factor": estimate_scale_factor(mean, std), "latent_shape": list(mean.shape[1:]),
+    scale_factor = estimate_scale_factor(mean, std) if scale_factor is None else scale_factor
+    meta = {"scale_factor": scale_factor, "latent_shape": list(mean.shape[1:]),
             **{f"n_{name}": len(m) for name, (m, _, _) in splits.items()}}
     with atomic_dir(out) as tmp:
         for name, (m, s, labels) in splits.items():

@@ -94,7 +94,11 @@ def render(*, metrics: dict, stages: dict[str, dict], params: dict, confusion: p
         m = metrics["machine"]
         lines += [f"Computed on {m.get('cpu')} ({m.get('isa')}; torch {m.get('torch')}, {m.get('threads')} threads).",
                   ""]
-    lines += ["## Autoencoder", ""] + metrics_table(metrics, VAE_METRICS) + [""]
+    lines += ["## Autoencoder", ""]
+    if any(key in metrics for key, *_ in VAE_METRICS):
+        lines += metrics_table(metrics, VAE_METRICS) + [""]
+    else:
+        lines += ["None: the U-Net diffuses pixels (`vae.kind: none`).", ""]
     lines += ["## Training", "", "| stage | " + " | ".join(["metric", "value"]) + " |", "| --- | --- | --- |"]
     lines += [f"| {stage} | {k} | {v if isinstance(v, int) else f'{v:.5g}'} |"
               for stage, values in stages.items() for k, v in values.items()] + [""]

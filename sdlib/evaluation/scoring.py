@@ -1,6 +1,6 @@
 """What the evaluate stage measures, beyond the metric math in `sdlib.evaluation.metrics`: reading the sample
 manifest, splitting the samples into seed sets (so every number comes with its spread over sampling seeds), the
-real-vs-real floor, and the VAE's own quality.
+real-vs-real floor, and the VAE's own quality (pixel space has no VAE to measure).
 
 A metric computed on one set of samples is one draw of a random variable; the spread over disjoint seed sets of the
 same size says how far two runs may differ by chance alone. The regression gate (`sdlib.evaluation.regress`) sets
@@ -18,7 +18,7 @@ import torch
 from sdlib.data.images import to_uint8
 from sdlib.errors import DataError
 from sdlib.evaluation.metrics import PRC_NEIGHBOURS, conditional_accuracy, fidelity_metrics
-from sdlib.models.vae import AutoencoderKL, reconstruct, reconstruction_psnr
+from sdlib.models.vae import Autoencoder, reconstruct, reconstruction_psnr
 
 
 def read_manifest(path: Path, num_classes: int) -> tuple[list[str], list[Path], torch.Tensor]:
@@ -121,8 +121,11 @@ def score_samples(gen: torch.Tensor, prompts: list[str], labels: torch.Tensor, p
     return result, rows
 
 
-def vae_quality(vae: AutoencoderKL, images: torch.Tensor, classifier: Path, device: torch.device | str) -> dict:
-    """The autoencoder alone on real images (N, C, S, S) in [-1, 1]: reconstruction PSNR and reconstruction FID."""
+def vae_quality(vae: Autoencoder, images: torch.Tensor, classifier: Path, device: torch.device | str) -> dict:
+    """The autoencoder alone on real images (N, C, S, S) in [-1, 1]: reconstruction PSNR and reconstruction FID;
+    none for the identity of pixel space (`vae.kind: none`), whose reconstructions are the images."""
+    if vae.kind == "none":
+        return {}
     recon = reconstruct(vae, images)
     rfid = fidelity_metrics(to_uint8(recon), to_uint8(images), classifier, device, prc=False, kid=False)["fid"]
     return {"vae_psnr": reconstruction_psnr(images, recon), "vae_rfid": rfid}

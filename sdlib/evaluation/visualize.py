@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sdlib.data.images import to_uint8
 from sdlib.generate import Prompts, generate
 from sdlib.ldm import LatentDiffusion
-from sdlib.models.vae import AutoencoderKL
+from sdlib.models.vae import Autoencoder
 
 FORWARD_STEPS = (0, 50, 100, 200, 300, 500, 700, 999)
 FRAME_PX = 96  # frames are upscaled by a whole factor to at least this width: 32 px digits are drawn 3x
@@ -165,7 +165,7 @@ def _num(x: float) -> str:
 
 
 @torch.no_grad()
-def forward_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, image: torch.Tensor,
+def forward_figure(path: Path, model: LatentDiffusion, vae: Autoencoder, image: torch.Tensor,
                    seed: int = 0) -> GridLayout:
     """Row 1: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps on pixels; row 2: the same on latents, decoded."""
     gen = torch.Generator().manual_seed(seed)
@@ -189,7 +189,7 @@ def forward_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, image
 
 
 @torch.no_grad()
-def reverse_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, prompts: Prompts, prompt: str, *,
+def reverse_figure(path: Path, model: LatentDiffusion, vae: Autoencoder, prompts: Prompts, prompt: str, *,
                    seed: int = 0, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float = 3.0,
                    shown: int = 8) -> GridLayout:
     """Row 1: the sample x_t (decoded) after `shown` of the steps, the last one included; row 2: the x_0 prediction
@@ -212,7 +212,7 @@ def reverse_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, promp
 
 
 @torch.no_grad()
-def attention_maps(model: LatentDiffusion, vae: AutoencoderKL, prompts: Prompts, prompt: str, *, seed: int = 0,
+def attention_maps(model: LatentDiffusion, vae: Autoencoder, prompts: Prompts, prompt: str, *, seed: int = 0,
                    sampler: str = "dpmpp_2m", steps: int = 20, guidance: float = 3.0):
     """The generated image (C, H, W) and cross-attention per token (L, H, W), averaged over heads, layers, steps."""
     modules = model.unet.attention_modules()
@@ -251,7 +251,7 @@ def attention_overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.
     return ((1 - alpha) * gray + alpha * colour).round().to(torch.uint8)
 
 
-def attention_figure(path: Path, model: LatentDiffusion, vae: AutoencoderKL, prompts: Prompts, prompt: str, *,
+def attention_figure(path: Path, model: LatentDiffusion, vae: Autoencoder, prompts: Prompts, prompt: str, *,
                      seed: int = 0, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float = 3.0) -> GridLayout:
     """The image, then one heat map per prompt token (start token, words, end token)."""
     kw = {"seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance}

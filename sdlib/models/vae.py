@@ -4,12 +4,15 @@ The encoder maps an image (B, C, H, W) to a diagonal Gaussian over latents (B, z
 f = 2 ** (len(channel_mult) - 1); the decoder maps latents back. Training minimises reconstruction error plus a small
 KL term towards N(0, I) (`kl_weight`), which keeps the latent space smooth without constraining it much. SD adds a
 perceptual (LPIPS) and a patch-GAN loss; on small images an L1 + KL objective is enough and keeps this runnable on a CPU.
+
+`IdentityAutoencoder` (`vae.kind: none`) has the same interface and no weights: the latents are the pixels themselves,
+so the U-Net diffuses pixels, as DDPM (Ho et al. 2020) does, and the pipeline shows what the latent space buys.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +125,9 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
+    kind: ClassVar[str] = "kl"  # vae.kind
+    scale_factor: ClassVar[float | None] = None  # None: estimated from the encoded training set (encode_latents)
+
     def __init__(self, args: VAEArgs):
         super().__init__()
         self.args = args
@@ -145,6 +151,57 @@ class AutoencoderKL(nn.Module):
         return self.decode(posterior.sample(generator)), posterior
 
 
+@dataclass(frozen=True, kw_only=True)
+class IdentityArgs:
+    """Pixel space: the latents are the images, at the same size and with the same channels."""
+
+    in_channels: int = 1  # image channels
+    factor: ClassVar[int] = 1  # no downsampling
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IdentityArgs":
+        return cls(**d)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.in_channels
+
+    def to_dict(self) -> dict:
+        return header_dict(self)
+
+
+class PointMass:
+    """q(z|x) = delta(z - x): the identity's posterior, with `DiagonalGaussian`'s mean, std and sample."""
+
+    def __init__(self, x: torch.Tensor):
+        self.mean, self.std = x, torch.zeros_like(x)
+
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mean
+
+
+class IdentityAutoencoder(nn.Module):
+    """`vae.kind: none`: encode and decode return their input, unchanged, and the latents go to the U-Net unscaled
+    (pixels in [-1, 1], as in DDPM)."""
+
+    kind: ClassVar[str] = "none"
+    scale_factor: ClassVar[float | None] = 1.0
+
+    def __init__(self, args: IdentityArgs):
+        super().__init__()
+        self.args = args
+
+    def encode(self, x: torch.Tensor) -> PointMass:
+        return PointMass(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+Autoencoder = AutoencoderKL | IdentityAutoencoder
+AUTOENCODERS = {"kl": (AutoencoderKL, VAEArgs), "none": (IdentityAutoencoder, IdentityArgs)}  # by vae.kind
+
+
 def vae_loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian, kl_weight: float):
     """Per-pixel L1 reconstruction + kl_weight * KL per pixel (LDM's weighting, without LPIPS/GAN terms)."""
     rec = (recon - x).abs().mean()
@@ -159,18 +216,18 @@ def psnr(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def reconstruct(vae: Autoencoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """The VAE's reconstructions decode(mean of encode(x)) of images (N, C, H, W) in [-1, 1], clamped to [-1, 1]."""
-    device = next(vae.parameters()).device
+    device = next(vae.parameters(), images).device  # the identity has no parameters: it runs where the images are
     out = [vae.decode(vae.encode(x.to(device)).mean).clamp(-1, 1).cpu() for x in images.split(batch_size)]
     return torch.cat(out)
 
 
 @torch.no_grad()
-def encode_posteriors(vae: AutoencoderKL, images: torch.Tensor,
+def encode_posteriors(vae: Autoencoder, images: torch.Tensor,
                       batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every image: 2 x (N, z, H/f, W/f), on the CPU."""
-    device = next(vae.parameters()).device
+    device = next(vae.parameters(), images).device  # the identity has no parameters: it runs where the images are
     means, stds = [], []
     for x in images.split(batch_size):
         posterior = vae.encode(x.to(device))
@@ -184,17 +241,23 @@ def reconstruction_psnr(images: torch.Tensor, recon: torch.Tensor) -> float:
     return float(psnr(images, recon))
 
 
-def save_vae(path: str | Path, vae: AutoencoderKL) -> None:
-    """The VAE's weights with its config, so that `load_vae` rebuilds it from the file alone."""
-    save_weights(path, vae.state_dict(), {"kind": "vae", "args": vae.args.to_dict()})
+def save_vae(path: str | Path, vae: Autoencoder) -> None:
+    """The VAE's weights with its config, so that `load_vae` rebuilds it from the file alone. The header names the
+    identity (`"autoencoder": "none"`, no tensors); a kl one is written as it was before pixel space existed."""
+    which = {} if vae.kind == "kl" else {"autoencoder": vae.kind}
+    save_weights(path, vae.state_dict(), {"kind": "vae", **which, "args": vae.args.to_dict()})
 
 
-def load_vae(path: Path, device: torch.device | str = "cpu") -> AutoencoderKL:
-    """Rebuild the VAE from its checkpoint alone."""
+def load_vae(path: Path, device: torch.device | str = "cpu") -> Autoencoder:
+    """Rebuild the VAE (or the identity of pixel space) from its checkpoint alone."""
     tensors, meta = load_weights(path, kind="vae")
     try:
-        vae = AutoencoderKL(VAEArgs.from_dict(meta["args"]))
+        kind = meta.get("autoencoder", "kl")
+        if kind not in AUTOENCODERS:
+            raise ValueError(f"unknown autoencoder {kind!r}")
+        model, args = AUTOENCODERS[kind]
+        vae = model(args.from_dict(meta["args"]))
         vae.load_state_dict(tensors)
-    except (KeyError, TypeError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: VAE checkpoint does not match the model ({str(e).splitlines()[0]})") from None
     return vae.to(device).eval()
