@@ -54,22 +54,33 @@ from sdlib.training.loop import Checkpointer, fit
 
 REPO = Path(__file__).resolve().parents[1]
 
-# name -> params overrides; `default` is params.yaml as committed
+# The default recipe until 2026-12-07 (params.yaml then: width 64, 30 epochs, the plain loss, 20 sampler steps). The
+# recipes below are overrides of it, so that each name keeps meaning what was measured whatever params.yaml becomes.
+OLD_DEFAULT = {"epochs": 30, "unet.model_channels": 64, "unet.min_snr_gamma": 0.0, "sample.steps": 20}
+# name -> params overrides; `default` is params.yaml as it is
 RECIPES: dict[str, dict[str, object]] = {
     "default": {},
-    "half": {"epochs": 15},  # the same recipe stopped at half the steps (its own LR schedule)
-    "half-minsnr": {"epochs": 15, "unet.min_snr_gamma": 5.0},
-    "half-bs64": {"epochs": 15, "unet.batch_size": 64},  # as many steps as the default, half the images each
-    "half-bs64-minsnr": {"epochs": 15, "unet.batch_size": 64, "unet.min_snr_gamma": 5.0},
-    "half-lognormal": {"epochs": 15, "unet.timesteps": "lognormal"},
-    "twothirds-minsnr": {"epochs": 20, "unet.min_snr_gamma": 5.0},
-    # scored with 10 sampler steps (the default model scores FID 1.25 there, as at 20 steps: 1.30)
-    "full-minsnr-s10": {"unet.min_snr_gamma": 5.0, "sample.steps": 10},
-    "half-minsnr-lr2e-3-s10": {"epochs": 15, "unet.min_snr_gamma": 5.0, "unet.lr": 2e-3, "sample.steps": 10},
-    "half-minsnr-noema-s10": {"epochs": 15, "unet.min_snr_gamma": 5.0, "unet.ema_decay": 0.0, "sample.steps": 10},
-    # narrower U-Nets for more steps in the same FLOPs (MFLOP per image: width 64 514, 48 299, 32 145)
-    "w48-minsnr-s10": {"epochs": 25, "unet.model_channels": 48, "unet.min_snr_gamma": 5.0, "sample.steps": 10},
-    "w32-minsnr-s10": {"epochs": 53, "unet.model_channels": 32, "unet.min_snr_gamma": 5.0, "sample.steps": 10},
+    "old-default": OLD_DEFAULT,
+    "half": OLD_DEFAULT | {"epochs": 15},  # the same recipe stopped at half the steps (its own LR schedule)
+    "half-minsnr": OLD_DEFAULT | {"epochs": 15, "unet.min_snr_gamma": 5.0},
+    "half-bs64": OLD_DEFAULT | {"epochs": 15, "unet.batch_size": 64},  # as many steps, half the images each
+    "half-bs64-minsnr": OLD_DEFAULT | {"epochs": 15, "unet.batch_size": 64, "unet.min_snr_gamma": 5.0},
+    "half-lognormal": OLD_DEFAULT | {"epochs": 15, "unet.timesteps": "lognormal"},
+    "twothirds-minsnr": OLD_DEFAULT | {"epochs": 20, "unet.min_snr_gamma": 5.0},
+    # scored with 10 sampler steps (the old default model scores FID 1.25 there, as at 20 steps: 1.30)
+    "full-minsnr-s10": OLD_DEFAULT | {"unet.min_snr_gamma": 5.0, "sample.steps": 10},
+    "half-minsnr-lr2e-3-s10": OLD_DEFAULT | {"epochs": 15, "unet.min_snr_gamma": 5.0, "unet.lr": 2e-3,
+                                             "sample.steps": 10},
+    "half-minsnr-noema-s10": OLD_DEFAULT | {"epochs": 15, "unet.min_snr_gamma": 5.0, "unet.ema_decay": 0.0,
+                                            "sample.steps": 10},
+    # narrower U-Nets for more steps in the same FLOPs (MFLOP per image: width 64 514, 48 299, 32 145);
+    # w48-minsnr-s10 is the default since 2026-12-07
+    "w48-minsnr-s10": OLD_DEFAULT | {"epochs": 25, "unet.model_channels": 48, "unet.min_snr_gamma": 5.0,
+                                     "sample.steps": 10},
+    "w32-minsnr-s10": OLD_DEFAULT | {"epochs": 53, "unet.model_channels": 32, "unet.min_snr_gamma": 5.0,
+                                     "sample.steps": 10},
+    "w48-minsnr-s10-full": OLD_DEFAULT | {"epochs": 50, "unet.model_channels": 48, "unet.min_snr_gamma": 5.0,
+                                          "sample.steps": 10},  # the default's recipe at the old default's FLOPs
 }
 
 app = typer.Typer(add_completion=False)
@@ -188,14 +199,16 @@ def read_rows(out: Path) -> list[dict]:
     return [json.loads(line) for f in sorted(out.glob("*.jsonl")) for line in f.read_text().splitlines()]
 
 
-def table(rows: list[dict], baseline: str = "default") -> str:
+def table(rows: list[dict], baseline: str = "old-default") -> str:
     """Markdown: each recipe's final rows (one per guidance scale), with FLOPs as a ratio of the baseline's. Training
     seconds are shown but not as a ratio: recipes that ran at different times met different loads (time them side by
     side, `--jobs 2`)."""
     finals = [r for r in rows if r["final"]]
-    base = next((r for r in finals if r["recipe"] == baseline), None)
-    lines = ["| recipe | overrides | steps | FLOPs vs default | train s (threads) | guidance | FID | KID | "
-             "precision | recall | cond_acc |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = next((r for r in finals if r["recipe"] == baseline), None) or next(
+        (r for r in finals if r["recipe"] == "default"), None)  # without the baseline's rows: the default's
+    lines = [f"| recipe | overrides | steps | FLOPs vs {base['recipe'] if base else baseline} | train s (threads) | "
+             "guidance | FID | KID | precision | recall | cond_acc |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(finals, key=lambda r: (-r["tflops"], r["recipe"], r.get("guidance", 0))):
         ratio = f"{r['tflops'] / base['tflops']:.2f}x" if base else ""
         over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(params.yaml)"

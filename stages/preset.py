@@ -39,7 +39,8 @@ def main(
     with user_errors():
         if list_:
             for stem, file in available(root).items():
-                first = next((ln.lstrip("# ").strip() for ln in file.read_text().splitlines() if ln.startswith("#")), "")
+                lines = file.read_text().splitlines()
+                first = next((ln.lstrip("# ").strip() for ln in lines if ln.startswith("#")), "")
                 print(f"{stem:<16} {first}")
             return
         if preset is None:

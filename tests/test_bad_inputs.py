@@ -71,7 +71,7 @@ CASES = [
     ("train_unet", ("text.max_length", 100), [], "bad value for 'text.max_length'", "models/unet"),
     ("train_unet", None, ["--latents", "latents"], "run the encode_latents stage first", "models/unet"),
     ("train_unet", ("unet", DROP), [], "missing section 'unet'", "models/unet"),
-    ("train_unet", ("unet.num_heads", 3), [], "bad value for 'unet.num_heads' (3): Value error, must divide",
+    ("train_unet", ("unet.num_heads", 5), [], "bad value for 'unet.num_heads' (5): Value error, must divide",
      "models/unet"),
     ("train_unet", ("unet.samples.every", -1), [], "bad value for 'unet.samples.every' (-1)", "models/unet"),
     ("train_unet", ("unet.samples.sampler", "magic"), [], "bad value for 'unet.samples.sampler'", "models/unet"),
