@@ -249,7 +249,7 @@ def test_default_path_trains_what_it_did(work, tmp_path):
     ref.unet.load_state_dict(init["unet"])
     ref.text.load_state_dict(init["text"])
     ref_loss = LatentDiffusionLoss(ref, lat, ids, table, counts, batches=Batches(len(lat), 32, 0, torch.device("cpu")),
-                                   cond_drop=cfg.cond_drop)
+                                   cond_drop=cfg.cond_drop, min_snr_gamma=cfg.min_snr_gamma, timesteps=cfg.timesteps)
 
     assert torch.equal(encoded.ids, ids)
     assert run.model.state_dict().keys() == ref.state_dict().keys()

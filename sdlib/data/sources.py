@@ -214,7 +214,7 @@ def _fetch_coco(root: Path, download: bool, limit: int, seed: int) -> RawData:
     keep = _keep(len(items), limit, seed)
     missing = [items[k][2] for k in keep if not items[k][2].is_file()]
     if missing:  # checked up front: reading tens of thousands of photos takes a while
-        raise DataError(f"data.root={root}: {len(missing)} of the images in the COCO captions files are missing, "
+        raise DataError(f"data.root={root}: {len(missing)} of the {len(keep)} COCO images to read are missing, "
                         f"e.g. {missing[0]}")
     images = [_item(*items[k][:2], items[k][2])[0]
               for k in tqdm(keep, desc="read images", unit="img", disable=None)]
