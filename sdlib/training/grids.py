@@ -75,7 +75,6 @@ class TrainingGrids:
                                                                      self.jobs, hw=self.hw)])  # (P * n, C, H, W)
         return self._write(epoch)
 
-        self.ema.copy_to(self.model)
     def _write(self, epoch: int) -> Path:
         cfg = self.cfg
         image, _ = labelled_grid(self.frames[epoch], [f"image {i + 1}" for i in range(cfg.n_per_prompt)],
