@@ -4,7 +4,9 @@ The copy holds the source files git knows (tracked, plus new files that are not 
 but no data, models, checkpoints or MLflow store, so every stage runs. `--params-override key=value` edits the copy's
 params.yaml (dotted keys, YAML values) for a quick run. A stage's time runs from DVC's "Running stage 'x'" line to the
 next one (or to the end), so it includes DVC's hashing and caching of that stage's outputs. One JSON line per stage,
-then one for the total; the default config takes about a quarter of an hour on a 2-core CPU.
+then one for the total, with the CPU seconds of every process it ran (`cpu_s`: with OMP_NUM_THREADS=1 about what
+the run takes on one quiet core, however loaded the machine is); the default config takes about ten minutes on a
+2-core CPU. `--preset NAME` runs a preset of configs/ (as `python -m stages.preset NAME` would) in the copy.
 
 `--runner plain` runs each stage's `cmd` from dvc.yaml in dependency order instead, for a machine without DVC (the
 lent GPU machines; see bench/gpu.sh); `--save DIR` keeps the run's reports and log.
@@ -12,12 +14,14 @@ lent GPU machines; see bench/gpu.sh); `--save DIR` keeps the run's reports and l
     python bench/pipeline.py
     python bench/pipeline.py --params-override epochs=1 --params-override vae.epochs=1 --params-override data.limit=600
     python bench/pipeline.py --runner plain --save out/reports
+    OMP_NUM_THREADS=1 python bench/pipeline.py --preset openmoji --save out/openmoji
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -32,7 +36,7 @@ import yaml
 
 from sdlib.cli import user_errors
 from sdlib.errors import ConfigError
-from sdlib.presets import parse_overrides, set_params
+from sdlib.presets import merged, parse_overrides, read_preset, set_params
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = ("data/", "models/", "checkpoints/", "mlruns/", "mlartifacts/", "mlflow.db", "dvc.lock")  # not copied
@@ -71,14 +75,17 @@ def copy_repo(dst: Path, with_lock: bool = True) -> None:
         (dst / "dvc.lock").write_text(git("show", "HEAD:dvc.lock"))
 
 
-def apply_overrides(params: dict, overrides: list[str]) -> dict:
-    """`a.b=value` sets params['a']['b'] to the YAML value; the key must already exist (catches typos)."""
+def apply_overrides(params: dict, overrides: list[str], preset: str | None = None) -> dict:
+    """`a.b=value` sets params['a']['b'] to the YAML value; the key must already exist (catches typos). A preset
+    (configs/NAME.yaml) applies first, validated as `python -m stages.preset` validates it."""
+    if preset:
+        params = merged(params, read_preset(REPO, preset), "--preset")
     return set_params(params, parse_overrides(overrides))
 
 
-def init_project(dst: Path, overrides: list[str], runner: Runner) -> None:
+def init_project(dst: Path, overrides: list[str], runner: Runner, preset: str | None = None) -> None:
     copy_repo(dst, with_lock=runner == Runner.dvc)
-    params = apply_overrides(yaml.safe_load((dst / "params.yaml").read_text()), overrides)
+    params = apply_overrides(yaml.safe_load((dst / "params.yaml").read_text()), overrides, preset)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if runner == Runner.plain:
         return
@@ -133,14 +140,17 @@ def timed_plain(project: Path, log: Path) -> tuple[list[tuple[str, float]], floa
     return starts, time.perf_counter() - t0
 
 
-def timed_repro(project: Path, log: Path) -> tuple[list[tuple[str, float]], float]:
-    """Run `dvc repro`, echoing its output to `log`; returns ([(stage, start offset)], total seconds)."""
+def timed_repro(project: Path, log: Path, cmd: tuple[str, ...] = ("dvc", "repro"),
+                mode: str = "w") -> tuple[list[tuple[str, float]], float]:
+    """Run `dvc repro` (or another DVC command that runs stages), echoing its output to `log`; returns
+    ([(stage, start offset)], total seconds)."""
     env = {**stage_env(), "DVC_NO_ANALYTICS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)  # runs land in the copy's own mlflow.db
     starts: list[tuple[str, float]] = []
     t0 = time.perf_counter()
-    with open(log, "w") as out, subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=subprocess.PIPE,
-                                                 stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    with open(log, mode) as out, subprocess.Popen(list(cmd), cwd=project, env=env, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        out.write(f"$ {' '.join(cmd)}\n")
         for line in proc.stdout:
             now = time.perf_counter() - t0
             out.write(f"[{now:8.1f}s] {line}")
@@ -150,8 +160,14 @@ def timed_repro(project: Path, log: Path) -> tuple[list[tuple[str, float]], floa
     total = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"error: dvc repro failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+        raise SystemExit(f"error: {' '.join(cmd[:3])} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
     return starts, total
+
+
+def stage_seconds(starts: list[tuple[str, float]], total: float) -> list[tuple[str, float, float]]:
+    """(stage, start offset, seconds) of each stage: a stage runs until the next one starts, the last to the end."""
+    ends = [t for _, t in starts[1:]] + [total]
+    return [(stage, start, end - start) for (stage, start), end in zip(starts, ends)]
 
 
 def save_reports(project: Path, log: Path, dst: Path, since: float) -> None:
@@ -179,6 +195,8 @@ def main(
         help="copy the run's reports (metrics, report.md, figures; not the samples) and log into this folder")] = None,
     keep: Annotated[bool, typer.Option("--keep/--clean", help="keep the temporary copy (path on stderr)")] = False,
     workdir: Annotated[Optional[Path], typer.Option(help="where to make the temporary copy")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        help="run a preset of configs/ (e.g. openmoji); --params-override values go on top")] = None,
 ) -> None:
     """Time every stage of `dvc repro` in a fresh copy of the repository; one JSON line per stage and a total."""
     overrides = params_override or []
@@ -187,7 +205,7 @@ def main(
         project = tmp / "project"
         project.mkdir()
         with user_errors():
-            init_project(project, overrides, runner)
+            init_project(project, overrides, runner, preset)
         since = time.time()
         try:
             starts, total = (timed_repro if runner == Runner.dvc else timed_plain)(project, tmp / "repro.log")
@@ -199,11 +217,12 @@ def main(
             print(f"kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    common = {"bench": "pipeline", "runner": runner.value, "overrides": overrides}
-    ends = [t for _, t in starts[1:]] + [total]
-    for (stage, start), end in zip(starts, ends):
-        print(json.dumps({**common, "stage": stage, "start_s": round(start, 2), "seconds": round(end - start, 2)}))
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    common = {"bench": "pipeline", "runner": runner.value, "preset": preset, "overrides": overrides}
+    for stage, start, seconds in stage_seconds(starts, total):
+        print(json.dumps({**common, "stage": stage, "start_s": round(start, 2), "seconds": round(seconds, 2)}))
     print(json.dumps({**common, "stage": "total", "stages": len(starts), "seconds": round(total, 2),
+                      "cpu_s": round(cpu.ru_utime + cpu.ru_stime, 1),
                       "dvc_startup_s": round(starts[0][1], 2) if starts and runner == Runner.dvc else None}))
 
 
