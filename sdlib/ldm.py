@@ -115,7 +115,7 @@ def load_ldm(path: Path, device: torch.device | str = "cpu") -> tuple[LatentDiff
         raise CheckpointError(f"{path}: checkpoint does not match the model ({str(e).splitlines()[0]})") from None
     if frozen:
         model.text = _frozen_encoder(path, text)
-    return model.to(device).eval(), meta
+    return model.to(device, memory_format=torch.channels_last).eval(), meta  # NHWC: oneDNN's and cuDNN's fast path
 
 
 def _frozen_encoder(path: Path, text: PretrainedTextArgs) -> PretrainedTextEncoder:

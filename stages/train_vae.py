@@ -73,8 +73,7 @@ def main(
             args = config.args_from(cfg, VAEArgs, in_channels=train.images.shape[1])
             vae = AutoencoderKL(args).to(dev)
             amp = fast_path([vae.encoder, vae.decoder], dev, cfg.precision, cfg.compile, cfg.compile_mode)
-            fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-            images = train.images.to(dev, memory_format=fmt)  # the whole data set lives on the device
+            images = train.images.to(dev)  # the whole data set lives on the device
             loss_fn = VAELoss(vae, images, batches=Batches(n, cfg.batch_size, seed, dev), kl_weight=cfg.kl_weight,
                               dist=dist)
             optimizer = adamw(vae.parameters(), cfg.lr, dev)

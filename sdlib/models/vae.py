@@ -219,7 +219,7 @@ def psnr(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 def reconstruct(vae: Autoencoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """The VAE's reconstructions decode(mean of encode(x)) of images (N, C, H, W) in [-1, 1], clamped to [-1, 1]."""
     device = next(vae.parameters(), images).device  # the identity has no parameters: it runs where the images are
-    out = [vae.decode(vae.encode(x.to(device)).mean).clamp(-1, 1).cpu() for x in images.split(batch_size)]
+    out = [vae.decode(vae.encode(x.to(device)).mean).clamp(-1, 1).cpu().contiguous() for x in images.split(batch_size)]
     return torch.cat(out)
 
 
@@ -231,8 +231,8 @@ def encode_posteriors(vae: Autoencoder, images: torch.Tensor,
     means, stds = [], []
     for x in images.split(batch_size):
         posterior = vae.encode(x.to(device))
-        means.append(posterior.mean.cpu())
-        stds.append(posterior.std.cpu())
+        means.append(posterior.mean.cpu().contiguous())  # NCHW: a channels_last VAE gives NHWC-strided tensors
+        stds.append(posterior.std.cpu().contiguous())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -260,4 +260,4 @@ def load_vae(path: Path, device: torch.device | str = "cpu") -> Autoencoder:
         vae.load_state_dict(tensors)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: VAE checkpoint does not match the model ({str(e).splitlines()[0]})") from None
-    return vae.to(device).eval()
+    return vae.to(device, memory_format=torch.channels_last).eval()  # NHWC: oneDNN's and cuDNN's fast path

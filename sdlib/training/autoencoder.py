@@ -20,7 +20,7 @@ class VAELoss:
 
     def __call__(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         idx = self.batches(step)  # (B,) the global batch
-        x = self.images[self.dist.shard(idx)]
+        x = self.images[self.dist.shard(idx)].contiguous(memory_format=torch.channels_last)  # as fast_path's weights
         posterior = self.vae.encode(x)
         shape = (len(idx), *posterior.mean.shape[1:])  # the draw is for the global batch, then sliced
         noise = self.dist.shard(torch.randn(shape, generator=gen, device=x.device, dtype=posterior.mean.dtype))
