@@ -52,19 +52,19 @@ def main(
             raise ConfigError(f"params: evaluate.inception_weights: {weights} not found")
         check_outputs(out, confusion)
         dev = pick_device(device)
-        test, train = load_split(data, "test"), load_split(data, "train")
         model, classes = load_classifier(classifier, dev) if is_trained(classifier) else (None, [])
+        autoencoder = load_vae(vae, dev)
+        test, train = load_split(data, "test"), load_split(data, "train")
         if model is None and len(test.classes) >= 2:
             raise CheckpointError(f"{classifier}: the placeholder of data without classes, but {data} has "
                                   f"{len(test.classes)} classes (re-run train_classifier)")
         if model is not None and ((classes, model.args.in_channels, model.args.image_size)
                                   != (test.classes, *test.images.shape[1::2])):
             raise CheckpointError(f"{classifier}: trained on other data than {data} (re-run train_classifier)")
-        space = cfg.retrieval_space if cfg.retrieval_space != "auto" else "classifier" if model else "pixels"
+        space = cfg.retrieval_space if cfg.retrieval_space != "auto" else "classifier" if model is not None else "pixels"
         if space == "classifier" and model is None:
             raise ConfigError("params: evaluate.retrieval_space is classifier, but the data has no classes to train "
                               "one on (use auto or pixels)")
-        autoencoder = load_vae(vae, dev)
         if autoencoder.args.in_channels != test.images.shape[1]:
             raise CheckpointError(f"{vae}: a {autoencoder.args.in_channels}-channel VAE, the data has "
                                   f"{test.images.shape[1]} channels (re-run train_vae)")
@@ -100,7 +100,8 @@ def main(
                 spread = f" +- {result[k + '_std']}" if k + "_std" in result else ""
                 print(f"{k:>14}  {result[k]}{spread}")
         if "vae_psnr" in result:  # pixel space (vae.kind none) has no autoencoder to measure
-            print(f"{'vae_psnr':>14}  {result['vae_psnr']} dB, rFID {result['vae_rfid']}")
+            rfid = f", rFID {result['vae_rfid']}" if "vae_rfid" in result else ""  # rFID needs the classifier
+            print(f"{'vae_psnr':>14}  {result['vae_psnr']} dB{rfid}")
         if "n_seed_sets" in result:
             print(f"{'n_samples':>14}  {result['n_samples']} per seed set x {result['n_seed_sets']} sets")
         else:

@@ -231,5 +231,57 @@ def test_report_of_data_without_classes(tmp_path):
                   report_dir=tmp_path, images=[], title="t")
     assert "| retrieval top-1 | 0.250 |" in text and "| retrieval top-5 | 0.750 |" in text
     assert "No FID, KID, precision/recall or conditional accuracy: the data has no classes" in text
-    assert "each of 8 test images" in text and "pixels averaged over 8x8 cells" in text
+    assert "each of 8 test images" in text and "cosine similarity of the pixels averaged over 8x8 cells" in text
     assert "chance is 0.125 at top-1 and 0.625 at top-5" in text
+
+
+# Nine colours x three rows x three columns: a 4x4 block of colour on white, each image its own caption
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20),
+           "black": (0, 0, 0), "purple": (140, 30, 160), "orange": (250, 140, 0), "cyan": (0, 200, 220),
+           "grey": (128, 128, 128)}
+PLACES = ("top", "middle", "bottom"), ("left", "centre", "right")
+
+
+def write_blocks(root: Path) -> Path:
+    """A captions-only image folder (captions.csv without labels): 81 16x16 images, 'a red block, top left', ..."""
+    root.mkdir(parents=True)
+    rows = ["file,caption"]
+    for name, rgb in COLOURS.items():
+        for r, row in enumerate(PLACES[0]):
+            for c, col in enumerate(PLACES[1]):
+                image = Image.new("RGB", (16, 16), (255, 255, 255))
+                image.paste(rgb, (1 + 5 * c, 1 + 5 * r, 5 + 5 * c, 5 + 5 * r))
+                file = f"{name}_{row}_{col}.png"
+                image.save(root / file)
+                rows.append(f"{file},\"a {name} block, {row} {col}\"")
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.mark.slow
+def test_captions_only_folder_runs_the_pipeline(tmp_path):
+    """Data without classes through `dvc repro`: train_classifier writes its placeholder, evaluate scores caption
+    retrieval in pixel space and the VAE's PSNR, and the report says why FID and cond_acc are missing."""
+    from test_pipeline import TINY, copy_project, run
+
+    folder = write_blocks(tmp_path / "blocks")
+    prompts = ["a red block, top left", "a blue block, middle centre"]
+    params = {**TINY, "epochs": 3,
+              "data": {**TINY["data"], "source": "folder", "root": str(folder), "limit": 0, "channels": 3},
+              "vae": {**TINY["vae"], "epochs": 2},
+              "unet": {**TINY["unet"], "samples": {**TINY["unet"]["samples"], "prompts": prompts}},
+              "sample": {**TINY["sample"], "prompts": prompts, "n_per_prompt": 3, "steps": 4},
+              "evaluate": {**TINY["evaluate"], "retrieval": 12}}
+    project = copy_project(tmp_path / "project", params)
+    run(["dvc", "repro"], project)
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert json.loads((project / "reports/classifier.json").read_text()) == {"n_classes": 0}
+    assert not {"fid", "kid", "precision", "cond_acc", "vae_rfid"} & set(metrics)
+    assert metrics["retrieval_space"] == "pixels" and metrics["retrieval_n"] == 12
+    assert metrics["retrieval_chance_top1"] == pytest.approx(1 / 12, rel=1e-4) and "vae_psnr" in metrics
+    assert 0.0 <= metrics["retrieval_top1"] <= metrics["retrieval_top5"] <= 1.0
+    manifest = pd.read_csv(project / "reports/retrieval/manifest.csv")
+    assert len(manifest) == 12 and manifest["caption"].is_unique and all((project / p).is_file()
+                                                                          for p in manifest["path"])
+    report = (project / "reports/report.md").read_text()
+    assert "the data has no classes" in report and "| retrieval top-1 |" in report and "](retrieval/grid.png)" in report

@@ -28,8 +28,8 @@ VAE_METRICS = (
     ("vae_psnr", "reconstruction PSNR", "{:.2f} dB", "test split, decode(mean of encode(x))"),
     ("vae_rfid", "reconstruction FID", "{:.3f}", "reconstructions vs originals of the test split"),
 )
-RETRIEVAL_SPACES = {"classifier": "classifier's penultimate features",
-                    "pixels": "pixels averaged over 8x8 cells (a fixed space, no training)"}
+RETRIEVAL_SPACES = {"classifier": "the classifier's penultimate features",
+                    "pixels": "the pixels averaged over 8x8 cells (a fixed space that needs no training)"}
 FIGURES = (
     ("grid.png", "Samples: one row per prompt"),
     ("curves.png", "Training loss per epoch"),
@@ -90,15 +90,17 @@ def render(*, metrics: dict, stages: dict[str, dict], params: dict, confusion: p
     if sample:
         lines += [f"Sampler `{sample.get('sampler')}`, {sample.get('steps')} steps, guidance {sample.get('guidance')}; "
                   f"U-Net trained for {params.get('epochs')} epoch(s) (seed {params.get('seed')}).", ""]
-    lines += ["## Samples", "", f"Each number is the mean over {sets} disjoint seed set(s) of {n} samples each, "
-              "± the standard deviation over the sets: differences smaller than a few of those are noise.", ""]
+    lines += ["## Samples", ""]
+    if "n_seed_sets" in metrics:
+        lines += [f"Each number is the mean over {sets} disjoint seed set(s) of {n} samples each, ± the standard "
+                  "deviation over the sets: differences smaller than a few of those are noise.", ""]
     lines += metrics_table(metrics, SAMPLE_METRICS) + [""]
     if "fid" not in metrics:
         lines += ["No FID, KID, precision/recall or conditional accuracy: the data has no classes to train the "
                   "evaluation classifier (their feature space and judge) on.", ""]
     if "retrieval_n" in metrics:
         lines += [f"Caption retrieval: one sample for the caption of each of {metrics['retrieval_n']} test images "
-                  f"(distinct captions), compared with all of them by cosine similarity in the "
+                  f"(distinct captions), compared with all of them by the cosine similarity of "
                   f"{RETRIEVAL_SPACES.get(metrics.get('retrieval_space'), metrics.get('retrieval_space'))}; chance "
                   f"is {metrics['retrieval_chance_top1']:.3f} at top-1 and {metrics['retrieval_chance_top5']:.3f} at "
                   "top-5. One draw per caption: no spread over seed sets.", ""]
