@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from sdlib.data.images import save_png, to_uint8
+from sdlib.data.images import from_uint8, save_png, to_uint8
 from sdlib.data.splits import load_split
 from sdlib.errors import CheckpointError, DataError
 from sdlib.evaluation.report import render
 from sdlib.evaluation.retrieval import (pick_captions, pixel_features, read_retrieval_manifest, retrieval_ranks,
                                        retrieval_scores)
-from sdlib.models.classifier import is_trained, load_classifier, save_no_classifier
+from sdlib.models.classifier import embed, is_trained, load_classifier, save_no_classifier
 from stages.evaluate import app as evaluate_app
 from stages.sample import app as sample_app
 from stages.train_classifier import app as train_classifier_app
@@ -79,6 +79,16 @@ def test_top5_is_at_least_top1_and_chance_caps_at_one():
     scores = retrieval_scores(retrieval_ranks(gallery + torch.randn(30, 8, generator=gen), gallery))
     assert 0.0 < scores["retrieval_top1"] <= scores["retrieval_top5"] < 1.0
     assert retrieval_scores(torch.tensor([0, 2, 1]))["retrieval_chance_top5"] == 1.0
+
+
+def test_ranks_ignore_what_every_image_shares():
+    """Features centred on the real images' mean: adding one vector to every feature (a background, a ReLU offset)
+    changes no rank."""
+    gen = torch.Generator().manual_seed(3)
+    gallery = torch.randn(30, 8, generator=gen, dtype=torch.float64)
+    queries = gallery + torch.randn(30, 8, generator=gen, dtype=torch.float64)
+    offset = 20 * torch.randn(8, generator=gen, dtype=torch.float64)
+    assert torch.equal(retrieval_ranks(queries + offset, gallery + offset), retrieval_ranks(queries, gallery))
 
 
 def test_ranks_need_matching_shapes():
@@ -175,7 +185,7 @@ def test_evaluate_finds_every_real_image_drawn_as_its_own_sample(tmp_path, tiny_
                        digits, tmp_path)
     assert runner.invoke(sample_app, args).exit_code == 0
     test = load_split(digits, "test")
-    picked = pick_captions(test.captions, 10)
+    picked = [13, 4, 15, 6, 17, 8, 19, 0, 11, 2]  # distinct digits, not the first ten test images
     captions = [test.captions[i][0] for i in picked]
     shutil.rmtree(tmp_path / "retrieval")  # the stage's, empty (evaluate.retrieval is 0 in its params)
     write_retrieval_set(tmp_path / "retrieval", test.images[picked], picked, captions)
@@ -192,7 +202,14 @@ def test_evaluate_finds_every_real_image_drawn_as_its_own_sample(tmp_path, tiny_
     write_retrieval_set(tmp_path / "retrieval", test.images[nxt], picked, captions)
     done = evaluate(tmp_path, params, digits, classifier, tiny_models / "vae.safetensors")
     assert done.exit_code == 0, done.output
-    assert json.loads((tmp_path / "metrics.json").read_text())["retrieval_top1"] == 0.0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["retrieval_top1"] == 0.0
+    # and the top-5 of the space asked for (each space ranks the next image's neighbours its own way)
+    model, _ = load_classifier(classifier)
+    features = ((lambda x: embed(model, from_uint8(to_uint8(x)), "cpu")) if space == "classifier" else
+                (lambda x: pixel_features(from_uint8(to_uint8(x)))))
+    expected = retrieval_scores(retrieval_ranks(features(test.images[nxt]), features(test.images[picked])))
+    assert metrics["retrieval_top5"] == pytest.approx(expected["retrieval_top5"], abs=1e-5)
 
 
 def test_evaluate_checks_the_retrieval_set_against_the_data(tmp_path, tiny_models, params_file, digits):
