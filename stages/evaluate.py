@@ -52,12 +52,13 @@ def main(
             raise ConfigError(f"params: evaluate.inception_weights: {weights} not found")
         check_outputs(out, confusion)
         dev = pick_device(device)
-        model, classes = load_classifier(classifier, dev) if is_trained(classifier) else (None, [])
+        model, classes = load_classifier(classifier, dev) if is_trained(classifier) else (None, None)
         autoencoder = load_vae(vae, dev)
         test, train = load_split(data, "test"), load_split(data, "train")
         if model is None and len(test.classes) >= 2:
             raise CheckpointError(f"{classifier}: the placeholder of data without classes, but {data} has "
                                   f"{len(test.classes)} classes (re-run train_classifier)")
+        classes = test.classes if model is None else classes  # fewer than 2: no classifier to judge them by
         if model is not None and ((classes, model.args.in_channels, model.args.image_size)
                                   != (test.classes, *test.images.shape[1::2])):
             raise CheckpointError(f"{classifier}: trained on other data than {data} (re-run train_classifier)")

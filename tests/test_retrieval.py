@@ -241,6 +241,39 @@ def test_the_placeholder_classifier(tmp_path):
         load_classifier(path)
 
 
+def test_evaluate_without_classes(tmp_path, tiny_models, params_file):
+    """Captions, no classes, the placeholder classifier: retrieval in pixels and the VAE's PSNR, nothing else; the
+    classifier space is a one-line error."""
+    from sdlib.data.splits import Split, write_processed
+
+    gen = torch.Generator().manual_seed(0)
+    names = [f"picture {chr(97 + i)}" for i in range(20)]
+
+    def split(n: int, offset: int) -> Split:
+        return Split(torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1, torch.full((n,), -1),
+                     [[names[offset + i]] for i in range(n)], [], False)
+
+    data = tmp_path / "processed"
+    write_processed(data, split(10, 10), split(10, 0), {"source": "folder", "classes": [], "digits": False,
+                                                       "image_size": 8, "channels": 1, "n_train": 10, "n_test": 10,
+                                                       "templates": []})
+    classifier = tmp_path / "none.safetensors"
+    save_no_classifier(classifier, [])
+    params = params_file(sample={"prompts": ["picture a"], "n_per_prompt": 2, "steps": 1},
+                         evaluate={"retrieval": 6})
+    assert runner.invoke(sample_app, sample_args(tiny_models, params, data, tmp_path)).exit_code == 0
+    done = evaluate(tmp_path, params, data, classifier, tiny_models / "vae.safetensors")
+    assert done.exit_code == 0, done.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) - {"machine"} == {"n_samples", "vae_psnr", "retrieval_n", "retrieval_space", "retrieval_top1",
+                                          "retrieval_top5", "retrieval_chance_top1", "retrieval_chance_top5"}
+    assert metrics["retrieval_space"] == "pixels" and metrics["retrieval_n"] == 6 and metrics["n_samples"] == 2
+    params = params_file(sample={"prompts": ["picture a"], "n_per_prompt": 2, "steps": 1},
+                         evaluate={"retrieval": 6, "retrieval_space": "classifier"})
+    assert_user_error(evaluate(tmp_path, params, data, classifier, tiny_models / "vae.safetensors"),
+                      "evaluate.retrieval_space is classifier, but the data has no classes to train one on")
+
+
 def test_report_of_data_without_classes(tmp_path):
     metrics = {"n_samples": 6, "retrieval_top1": 0.25, "retrieval_top5": 0.75, "retrieval_chance_top1": 0.125,
                "retrieval_chance_top5": 0.625, "retrieval_n": 8, "retrieval_space": "pixels"}
