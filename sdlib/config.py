@@ -176,6 +176,12 @@ UNetConfig.model_rebuild()  # `samples` refers to TrainSamplesConfig, defined af
 class EvaluateConfig(_Section):
     inception_weights: str = ""  # local pt_inception-2015-12-05 weights file; empty skips standard Inception FID
     seed_sets: int = Field(3, ge=1)  # disjoint sets of samples (distinct seeds) each metric is computed on: mean, std
+    # caption retrieval: one sample for the caption of each of this many test images (drawn by the sample stage),
+    # scored by whether it finds its own image among them (sdlib.evaluation.retrieval); 0: none
+    retrieval: int = Field(0, ge=0)
+    # its feature space: auto (the classifier's penultimate features where the data has classes, else pixels),
+    # classifier, or pixels (8x8 area averages, a fixed space that needs no training)
+    retrieval_space: Literal["auto", "classifier", "pixels"] = "auto"
 
 
 class CompareConfig(_Section):

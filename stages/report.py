@@ -62,7 +62,8 @@ def main(
         if curves:
             with atomic_path(curves_png) as tmp:
                 curves_figure(tmp, curves)
-        images = [reports / "grid.png", curves_png, *sorted(reports.glob("figures/*.png"))]
+        images = [reports / "grid.png", curves_png, *sorted(reports.glob("figures/*.png")),
+                  reports / "retrieval" / "grid.png"]
         title = f"Run report: {os.environ.get('DVC_EXP_NAME') or 'workspace'}"
         write_text(out, render(metrics=values, stages=stages, params=run_params, confusion=table,
                                report_dir=out.parent, images=images, title=title))

@@ -3,6 +3,8 @@
 Pipeline:  python -m stages.sample --params params.yaml --out reports/samples
 By hand:   python -m stages.sample --prompt 8 --n 16 --sampler dpmpp_2m --steps 20 --guidance 3 --seed 0 --out out/
 Img2img:   python -m stages.sample --prompt 8 --init-image sketch.png --strength 0.6 --out out/
+Retrieval: python -m stages.sample --params params.yaml --data data/processed --retrieval reports/retrieval
+             (also one sample for each of `evaluate.retrieval` test captions, for `evaluate`'s caption retrieval)
 SD v1.x:   python -m stages.sample --pretrained v1-5-pruned-emaonly.safetensors --prompt "an astronaut riding a horse"
              --height 512 --width 512 --sampler dpmpp_2m --steps 25 --guidance 7.5 --seed 0 --out out/
 
@@ -20,8 +22,11 @@ import typer
 
 from sdlib import config, tracking
 from sdlib.cli import check_outputs, pick_device, user_errors, wrote
+from sdlib.data.images import to_uint8
+from sdlib.data.splits import load_split
 from sdlib.diffusion.samplers import SAMPLERS, check_sampler
 from sdlib.errors import ConfigError
+from sdlib.evaluation.retrieval import pick_captions
 from sdlib.generate import Prompts, load_init_image
 from sdlib.io import atomic_dir, atomic_path
 from sdlib.ldm import LatentDiffusion
@@ -29,6 +34,7 @@ from sdlib.models.vae import Autoencoder
 from sdlib.pretrained.load import DTYPES, load_pretrained
 from sdlib.pretrained.options import check_read_options, check_size
 from sdlib.pretrained.sd_v1 import ARCHITECTURES
+from sdlib.retrieval_samples import write_retrieval
 from sdlib.samples import check_clip_skip, drawn_size, load_model, plan, write_samples
 
 app = typer.Typer(add_completion=False)
@@ -98,12 +104,17 @@ def main(
     vae: Annotated[Optional[Path], typer.Option(help="trained VAE weights (default: models/vae.safetensors)")] = None,
     out: Annotated[Path, typer.Option(help="folder for the PNGs, manifest.csv and grid.png")] = Path("reports/samples"),
     grid_copy: Annotated[Optional[Path], typer.Option("--grid", help="also write the grid here (a DVC plot)")] = None,
+    retrieval: Annotated[Optional[Path], typer.Option(
+        help="also draw one image per test caption (evaluate.retrieval of them) into this folder")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="preprocessed data whose test captions --retrieval draws (default: data/processed)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
 ) -> None:
     """Draw images for each prompt with the trained model, or a pretrained SD v1.x checkpoint; writes PNGs,
     manifest.csv and a grid (and, with --pretrained, schedule.json)."""
     with user_errors():
-        check_read_options(pretrained, {"--unet": unet, "--vae": vae, "--params": params},
+        check_read_options(pretrained, {"--unet": unet, "--vae": vae, "--params": params, "--retrieval": retrieval,
+                                        "--data": data},
                            {"--architecture": architecture, "--weights": weights, "--prediction": prediction,
                             "--dtype": dtype})
         if pretrained is not None and not prompt:
@@ -117,7 +128,12 @@ def main(
         check_size(height, width)
         if clip_skip < 1:
             raise ConfigError(f"--clip-skip must be at least 1, got {clip_skip}")
-        check_outputs(out, grid_copy)
+        check_outputs(out, grid_copy, retrieval)
+        if retrieval is not None:  # the test captions, checked before the model is read
+            n = config.parse_section("evaluate", config.read_params(params or Path("params.yaml")).get("evaluate")
+                                     ).retrieval
+            test = load_split(data or Path("data/processed"), "test")
+            picked = pick_captions(test.captions, n)
         # SD v1's VAE is RGB: with the size asked, a wrong init image fails before the checkpoint is read
         early = pretrained is not None and init_image is not None and height is not None and width is not None
         image = load_init_image(init_image, 3, (height, width)) if early else None
@@ -139,11 +155,16 @@ def main(
             write_samples(tmp, out, model, autoencoder, prompts, cfg, jobs, hw=hw, clip_skip=clip_skip,
                           init_image=image, strength=strength, schedule=pretrained is not None)
             tracking.log_artifact(tmp / "grid.png")
+            if retrieval is not None:
+                with atomic_dir(retrieval) as tmp_retrieval:
+                    write_retrieval(tmp_retrieval, retrieval, model, autoencoder, prompts, cfg, picked,
+                                    [test.captions[i][0] for i in picked], to_uint8(test.images[picked]), hw=hw)
         if grid_copy is not None:
             with atomic_path(grid_copy) as tmp_grid:
                 shutil.copyfile(out / "grid.png", tmp_grid)
             wrote(grid_copy)
-        wrote(out / "manifest.csv", out / "grid.png", *([out / "schedule.json"] if pretrained else []))
+        wrote(out / "manifest.csv", out / "grid.png", *([out / "schedule.json"] if pretrained else []),
+              *([retrieval / "manifest.csv"] if retrieval else []))
         size = f", {hw[1]}x{hw[0]}" if pretrained else ""
         print(f"sample: {len(jobs)} images ({cfg.sampler}, {cfg.steps} steps, guidance {cfg.guidance}{size}){described} "
               f"in {out}")

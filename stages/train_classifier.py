@@ -1,4 +1,7 @@
-"""Train the small CNN classifier that `evaluate` uses as its feature space and as the judge of prompted classes."""
+"""Train the small CNN classifier that `evaluate` uses as its feature space and as the judge of prompted classes.
+
+Data with fewer than two classes (COCO, a captions-only folder) gets a placeholder checkpoint instead, and `evaluate`
+then scores what needs no classes (caption retrieval in pixel space, the VAE's PSNR)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +15,8 @@ from sdlib.cli import check_outputs, pick_device, user_errors, wrote
 from sdlib.data.splits import load_split
 from sdlib.errors import DataError
 from sdlib.io import write_json
-from sdlib.models.classifier import Classifier, ClassifierArgs, accuracy, save_classifier, train_classifier
+from sdlib.models.classifier import (Classifier, ClassifierArgs, accuracy, save_classifier, save_no_classifier,
+                                     train_classifier)
 
 app = typer.Typer(add_completion=False)
 
@@ -33,7 +37,14 @@ def main(
         dev = pick_device(device)
         train, test = load_split(data, "train"), load_split(data, "test")
         labelled = train.labels >= 0
-        if len(train.classes) < 2 or int(labelled.sum()) < 2:
+        if len(train.classes) < 2:
+            save_no_classifier(out, train.classes)
+            write_json(metrics, {"n_classes": len(train.classes)})
+            wrote(out, metrics)
+            print(f"train_classifier: none trained: the data has {len(train.classes)} class(es), a classifier needs "
+                  "2; evaluate skips FID, KID, precision/recall and cond_acc")
+            return
+        if int(labelled.sum()) < 2:
             raise DataError(f"{data}: the classifier needs labelled images of at least 2 classes "
                             f"(found {len(train.classes)} classes, {int(labelled.sum())} labelled images)")
 

@@ -14,6 +14,7 @@ from PIL import Image
 from sdlib.data.captions import class_captions, prompt_label
 from sdlib.data.sources import COCO_ATTRIBUTION, FLOWERS102_ATTRIBUTION, NO_CAPTION, fetch_source, read_raw
 from sdlib.data.splits import load_split
+from sdlib.models.classifier import is_trained
 from stages.train_classifier import app as train_classifier_app
 from test_data import assert_user_error, download, run_preprocess, runner  # noqa: E402
 
@@ -189,11 +190,13 @@ def test_coco_every_caption_no_classes(tmp_path, params_file) -> None:
     assert sorted(train.captions + test.captions) == sorted(captions for _, captions in COCO_ORDER)
     assert json.loads((tmp_path / "processed" / "meta.json").read_text())["templates"] == []
 
-    # The classifier (FID's feature space, cond_acc's judge) needs classes: one line, as for an unlabelled folder.
+    # The classifier (FID's feature space, cond_acc's judge) needs classes: a placeholder, as for an unlabelled folder
     result = runner.invoke(train_classifier_app, ["--params", str(params), "--data", str(tmp_path / "processed"),
                                                   "--out", str(tmp_path / "c.safetensors"),
                                                   "--metrics", str(tmp_path / "c.json")])
-    assert_user_error(result, "the classifier needs labelled images of at least 2 classes (found 0 classes")
+    assert result.exit_code == 0, result.output
+    assert "none trained: the data has 0 class(es)" in result.stdout and not is_trained(tmp_path / "c.safetensors")
+    assert json.loads((tmp_path / "c.json").read_text()) == {"n_classes": 0}
 
 
 def test_coco_train_only_and_limit(tmp_path) -> None:

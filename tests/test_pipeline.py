@@ -49,7 +49,7 @@ TINY = {
     "classifier": {"epochs": 4, "batch_size": 64, "lr": 3e-3, "seed": 0},
     "sample": {"prompts": ["3", "a handwritten digit eight"], "n_per_prompt": 30, "sampler": "ddim", "steps": 10,
                "guidance": 3.0, "schedule": "auto", "negative_prompt": "", "seed": 0, "batch_size": 60},
-    "evaluate": {"inception_weights": "", "seed_sets": 3},
+    "evaluate": {"inception_weights": "", "seed_sets": 3, "retrieval": 0, "retrieval_space": "auto"},
     "compare": {"samplers": ["euler"], "steps": [4], "extra": [], "n_per_prompt": 4, "guidance": 3.0, "seed": 0,
                 "batch_size": 8},
     "pretrained": yaml.safe_load((REPO / "params.yaml").read_text())["pretrained"],  # its own pipeline's, unused

@@ -78,13 +78,17 @@ def test_a_preset_file_that_is_not_a_mapping(tmp_path):
 
 @pytest.mark.slow
 def test_openmoji_preset_runs_the_pipeline_in_colour(tmp_path):
-    """The OpenMoji preset, shrunk to the tiny sizes, as one `dvc exp run`: colour samples, metrics, its own row."""
+    """The OpenMoji preset, shrunk to the tiny sizes, as one `dvc exp run`: colour samples, metrics (caption retrieval
+    too), its own row."""
     project = copy_project(tmp_path, TINY)
     tiny = ["data.limit=360", "data.image_size=16", "vae.base_channels=16", "vae.epochs=2", "epochs=4",
-            "sample.n_per_prompt=6", "classifier.epochs=2"]
+            "sample.n_per_prompt=6", "classifier.epochs=2", "evaluate.retrieval=30"]
     preset_cli("openmoji", *[a for kv in tiny for a in ("--set", kv)], "--name", "moji", cwd=project)
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert metrics["n_samples"] == 9 * 6 // 3 and "fid" in metrics and "cond_acc" in metrics
+    # caption retrieval of 30 test emoji by name, in the group classifier's features
+    assert metrics["retrieval_n"] == 30 and metrics["retrieval_space"] == "classifier"
+    assert 0.0 <= metrics["retrieval_top1"] <= metrics["retrieval_top5"] <= 1.0
     with Image.open(project / "reports/samples/00_0000.png") as im:
         assert im.mode == "RGB" and im.size == (16, 16)
     assert "moji" in run(["dvc", "exp", "show", "--json"], project).stdout

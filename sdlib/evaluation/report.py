@@ -20,17 +20,23 @@ SAMPLE_METRICS = (
     ("recall", "recall", "{:.3f}", "share of the real data manifold the samples cover"),
     ("cond_acc", "conditional accuracy", "{:.3f}", "share of samples the classifier reads as the prompted class"),
     ("fid_inception", "Inception FID", "{:.3f}", "standard FID (only with local Inception weights)"),
+    ("retrieval_top1", "retrieval top-1", "{:.3f}",
+     "share of samples drawn from a test image's caption that find that image first among the N"),
+    ("retrieval_top5", "retrieval top-5", "{:.3f}", "... among their 5 most similar of the N"),
 )
 VAE_METRICS = (
     ("vae_psnr", "reconstruction PSNR", "{:.2f} dB", "test split, decode(mean of encode(x))"),
     ("vae_rfid", "reconstruction FID", "{:.3f}", "reconstructions vs originals of the test split"),
 )
+RETRIEVAL_SPACES = {"classifier": "the classifier's penultimate features",
+                    "pixels": "the pixels averaged over 8x8 cells (a fixed space that needs no training)"}
 FIGURES = (
     ("grid.png", "Samples: one row per prompt"),
     ("curves.png", "Training loss per epoch"),
     ("figures/forward.png", "Forward diffusion of a real digit: pixels (top) and latents, decoded (bottom)"),
     ("figures/reverse.png", "Reverse diffusion: the sample x_t (top) and the model's x_0 prediction (bottom)"),
     ("figures/attention.png", "Cross-attention of each prompt token over the latent grid"),
+    ("retrieval/grid.png", "Caption retrieval: test images (top) and the samples drawn from their captions (bottom)"),
 )
 
 
@@ -84,9 +90,20 @@ def render(*, metrics: dict, stages: dict[str, dict], params: dict, confusion: p
     if sample:
         lines += [f"Sampler `{sample.get('sampler')}`, {sample.get('steps')} steps, guidance {sample.get('guidance')}; "
                   f"U-Net trained for {params.get('epochs')} epoch(s) (seed {params.get('seed')}).", ""]
-    lines += ["## Samples", "", f"Each number is the mean over {sets} disjoint seed set(s) of {n} samples each, "
-              "± the standard deviation over the sets: differences smaller than a few of those are noise.", ""]
+    lines += ["## Samples", ""]
+    if "n_seed_sets" in metrics:
+        lines += [f"Each number is the mean over {sets} disjoint seed set(s) of {n} samples each, ± the standard "
+                  "deviation over the sets: differences smaller than a few of those are noise.", ""]
     lines += metrics_table(metrics, SAMPLE_METRICS) + [""]
+    if "fid" not in metrics:
+        lines += ["No FID, KID, precision/recall or conditional accuracy: the data has no classes to train the "
+                  "evaluation classifier (their feature space and judge) on.", ""]
+    if "retrieval_n" in metrics:
+        lines += [f"Caption retrieval: one sample for the caption of each of {metrics['retrieval_n']} test images "
+                  f"(distinct captions), compared with all of them by the cosine similarity of "
+                  f"{RETRIEVAL_SPACES.get(metrics.get('retrieval_space'), metrics.get('retrieval_space'))}; chance "
+                  f"is {metrics['retrieval_chance_top1']:.3f} at top-1 and {metrics['retrieval_chance_top5']:.3f} at "
+                  "top-5. One draw per caption: no spread over seed sets.", ""]
     per_class = {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("cond_acc_per_class.")}
     if per_class:
         lines += ["Conditional accuracy per class: " + ", ".join(f"{c} {v:.2f}" for c, v in per_class.items()), ""]

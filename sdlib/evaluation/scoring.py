@@ -1,6 +1,6 @@
 """What the evaluate stage measures, beyond the metric math in `sdlib.evaluation.metrics`: reading the sample
 manifest, splitting the samples into seed sets (so every number comes with its spread over sampling seeds), the
-real-vs-real floor, and the VAE's own quality (pixel space has no VAE to measure).
+real-vs-real floor, the VAE's own quality (pixel space has no VAE to measure), and caption retrieval.
 
 A metric computed on one set of samples is one draw of a random variable; the spread over disjoint seed sets of the
 same size says how far two runs may differ by chance alone. The regression gate (`sdlib.evaluation.regress`) sets
@@ -15,9 +15,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sdlib.data.images import to_uint8
+from sdlib.data.images import from_uint8, to_uint8
 from sdlib.errors import DataError
 from sdlib.evaluation.metrics import PRC_NEIGHBOURS, conditional_accuracy, fidelity_metrics
+from sdlib.evaluation.retrieval import RetrievalSpace, pixel_features, retrieval_ranks, retrieval_scores
+from sdlib.models.classifier import Classifier, embed
 from sdlib.models.vae import Autoencoder, reconstruct, reconstruction_psnr
 
 
@@ -121,11 +123,27 @@ def score_samples(gen: torch.Tensor, prompts: list[str], labels: torch.Tensor, p
     return result, rows
 
 
-def vae_quality(vae: Autoencoder, images: torch.Tensor, classifier: Path, device: torch.device | str) -> dict:
-    """The autoencoder alone on real images (N, C, S, S) in [-1, 1]: reconstruction PSNR and reconstruction FID;
-    none for the identity of pixel space (`vae.kind: none`), whose reconstructions are the images."""
+def vae_quality(vae: Autoencoder, images: torch.Tensor, classifier: Path | None, device: torch.device | str) -> dict:
+    """The autoencoder alone on real images (N, C, S, S) in [-1, 1]: reconstruction PSNR and reconstruction FID (no
+    classifier, data without classes: PSNR only); none for the identity of pixel space (`vae.kind: none`), whose
+    reconstructions are the images."""
     if vae.kind == "none":
         return {}
     recon = reconstruct(vae, images)
+    if classifier is None:
+        return {"vae_psnr": reconstruction_psnr(images, recon)}
     rfid = fidelity_metrics(to_uint8(recon), to_uint8(images), classifier, device, prc=False, kid=False)["fid"]
     return {"vae_psnr": reconstruction_psnr(images, recon), "vae_rfid": rfid}
+
+
+def score_retrieval(gen: torch.Tensor, real: torch.Tensor, space: RetrievalSpace, classifier: Classifier | None,
+                    device: torch.device | str) -> dict[str, float | int | str]:
+    """Caption retrieval of uint8 samples (N, C, S, S), sample i drawn from the caption of real image i, in `space`
+    (the classifier's penultimate features, or 8x8 pixel averages): top-1/top-5 accuracy, their chance, N, the space."""
+    if space == "classifier":
+        if classifier is None:
+            raise ValueError("the classifier space needs a classifier")
+        q, g = embed(classifier, from_uint8(gen), device), embed(classifier, from_uint8(real), device)
+    else:
+        q, g = pixel_features(from_uint8(gen)), pixel_features(from_uint8(real))
+    return {**retrieval_scores(retrieval_ranks(q, g)), "retrieval_n": len(gen), "retrieval_space": space}

@@ -4,7 +4,8 @@ Three conv blocks (each halving the resolution), a 2x2 average pool and a linear
 feature, the counterpart of the Inception pool3 feature of standard FID (Heusel et al. 2017), but trained on the
 project's own data so it needs no download. Trained with random shifts, so that it judges a generated digit that is
 a little off-centre by its shape. The checkpoint stores `ClassifierArgs` and the class names, so it rebuilds from
-the file alone.
+the file alone. Data with fewer than two classes has nothing to train it on: its checkpoint is then a placeholder with
+no weights (`save_no_classifier`), which evaluation reads as "no classifier" and `load_classifier` refuses.
 """
 from __future__ import annotations
 
@@ -151,6 +152,13 @@ def predict(model: Classifier, images: torch.Tensor, device: torch.device, batch
     return torch.cat([model(x.to(device)).argmax(1).cpu() for x in images.split(batch_size)])
 
 
+@torch.no_grad()
+def embed(model: Classifier, images: torch.Tensor, device: torch.device | str, batch_size: int = 500) -> torch.Tensor:
+    """The penultimate features (N, feature_dim) of images (N, C, S, S) in [-1, 1]: FID's feature space."""
+    model.to(device).eval()
+    return torch.cat([model.features(x.to(device)).cpu() for x in images.split(batch_size)])
+
+
 def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
     return (predict(model, images, device) == labels.cpu()).float().mean().item()
 
@@ -161,9 +169,22 @@ def save_classifier(path: str | Path, model: Classifier, classes: list[str]) -> 
     save_weights(path, model.state_dict(), {"kind": KIND, "args": asdict(model.args), "classes": list(classes)})
 
 
+def save_no_classifier(path: str | Path, classes: list[str]) -> None:
+    """The placeholder checkpoint of data with fewer than two classes: no weights, the data's classes."""
+    save_weights(path, {}, {"kind": KIND, "args": None, "classes": list(classes)})
+
+
+def is_trained(path: str | Path) -> bool:
+    """Whether the checkpoint is a trained classifier (False: the placeholder of data without classes)."""
+    return load_weights(path, KIND)[1].get("args") is not None
+
+
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[Classifier, list[str]]:
     """Rebuild a classifier from its checkpoint alone; returns (model in eval mode, class names)."""
     tensors, meta = load_weights(path, KIND)
+    if meta.get("args", {}) is None:
+        raise CheckpointError(f"{path}: no classifier, only the placeholder of data with fewer than 2 classes "
+                              f"({len(meta.get('classes', []))} found); FID and cond_acc need labelled classes")
     try:
         model = Classifier(ClassifierArgs(**meta["args"]))
         model.load_state_dict(tensors)
