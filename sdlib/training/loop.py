@@ -53,6 +53,15 @@ def steps_for(n: int, batch_size: int, epochs: int) -> int:
     return max(n // batch_size, 1) * epochs
 
 
+def to_device(x: torch.Tensor, device: torch.device,
+              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """A batch read on the host, onto `device`: through pinned memory on CUDA, so the copy does not stall the host.
+    On the CPU a contiguous batch is returned as it is."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, memory_format=memory_format, non_blocking=True)
+
+
 class Batches:
     """`batch_indices` as a tensor on `device`, copied there once per epoch so that a step never waits on the host."""
 
