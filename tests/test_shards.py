@@ -84,8 +84,10 @@ def write_digits(folder, n_train, n_test, shard_size, **kw):
     return train, test
 
 
-def test_uint8_shards_give_back_the_same_float32_images(tmp_path):
-    """Every uint8 value 0..255 through from_uint8 is stored and read back bit for bit, in memory and streamed."""
+def test_uint8_shards_give_back_the_same_float32_images(tmp_path, monkeypatch):
+    """Every uint8 value 0..255 through from_uint8 is stored and read back bit for bit, in memory (loaded 7 rows at a
+    time) and streamed."""
+    monkeypatch.setattr("sdlib.data.shards.LOAD_CHUNK_BYTES", 7 * 3 * 8 * 8)
     train, _ = write_digits(tmp_path, 300, 20, shard_size=64, channels=3)
     assert set(torch.unique(train.images).tolist()) == set(from_uint8(torch.arange(256)).tolist())  # all 256 values
     memory, stream = load_split(tmp_path, "train"), load_split(tmp_path, "train", "stream")

@@ -25,6 +25,7 @@ SHARD = "{name}-{index:05d}.npy"
 SHARD_SIZE = 4096  # rows per shard unless told (`data.shard_size`'s default)
 Loading = Literal["memory", "stream"]  # a data set as one tensor in memory, or rows read from its shards on demand
 LoadingSetting = Literal["auto", "memory", "stream"]
+LOAD_CHUNK_BYTES = 64 * 2**20  # `Rows.load` reads and converts this much at a time
 AUTO_MEMORY_BYTES = 2 * 2**30  # `auto` keeps a training set in memory up to this size (as float32)
 HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
@@ -203,4 +204,11 @@ class Rows:
             yield self.read(start, start + size)
 
     def load(self) -> torch.Tensor:
-        return self.read(0, len(self))
+        """All rows as one tensor, converted a chunk at a time: no temporaries of the whole array's size."""
+        step = max(LOAD_CHUNK_BYTES // self.array.row_bytes, 1)
+        first = self.read(0, step)
+        out = torch.empty(self.shape, dtype=first.dtype)
+        out[:len(first)] = first
+        for start in range(step, len(self), step):
+            out[start:start + step] = self.read(start, start + step)
+        return out
