@@ -180,7 +180,7 @@ def tiny_params(path: Path, **unet: object) -> Path:
     orders, while the function the net computes would not.
     """
     path.write_text(yaml.safe_dump({
-        "seed": 0, "epochs": 3,
+        "seed": 0, "epochs": 3, "data": {"loading": "auto"},
         "vae": {"base_channels": 64, "channel_mult": [1, 2], "latent_channels": 4, "epochs": 1, "batch_size": 32,
                 "log_every": 3},
         "text": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 8},

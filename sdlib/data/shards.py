@@ -25,7 +25,7 @@ SHARD = "{name}-{index:05d}.npy"
 SHARD_SIZE = 4096  # rows per shard unless told (`data.shard_size`'s default)
 Loading = Literal["memory", "stream"]  # a data set as one tensor in memory, or rows read from its shards on demand
 LoadingSetting = Literal["auto", "memory", "stream"]
-LOAD_CHUNK_BYTES = 64 * 2**20  # `Rows.load` reads and converts this much at a time
+LOAD_CHUNK_BYTES = 16 * 2**20  # `Rows.load` reads this much of the shards at a time (float32 from uint8: 4x that)
 AUTO_MEMORY_BYTES = 2 * 2**30  # `auto` keeps a training set in memory up to this size (as float32)
 HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
