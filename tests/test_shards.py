@@ -17,7 +17,7 @@ from sdlib.io import fingerprint
 from sdlib.models.vae import AutoencoderKL, VAEArgs
 from sdlib.training.autoencoder import VAELoss
 from sdlib.training.latent_diffusion import LatentDiffusionLoss
-from sdlib.training.loop import Batches, Checkpointer, adamw, fit
+from sdlib.training.loop import Batches, Checkpointer, Prefetched, adamw, fit
 from sdlib.ldm import DiffusionArgs, LatentDiffusion
 from sdlib.models.text import VOCAB_SIZE, TextEncoderArgs
 from sdlib.models.unet import UNetArgs
@@ -199,3 +199,17 @@ def test_checkpoint_fingerprint_names_the_images(tmp_path):
             "n_train": 30, "n_test": 5, "templates": []}
     write_processed(tmp_path / "b", train, test, meta, shard_size=16)
     assert fingerprint(files=(tmp_path / "a/meta.json",)) != fingerprint(files=(tmp_path / "b/meta.json",))
+
+
+def test_prefetched_reads_a_step_ahead_and_raises_in_its_step():
+    def read(step: int) -> int:
+        if step == 3:
+            raise DataError("a bad shard")
+        return 10 * step
+
+    prefetched = Prefetched(read)
+    assert [prefetched(0), prefetched(1), prefetched(2)] == [0, 10, 20]
+    assert prefetched._next[0] == 3  # under way; its error belongs to step 3, not to step 2
+    with pytest.raises(DataError, match="a bad shard"):
+        prefetched(3)
+    assert [prefetched(7), prefetched(8), prefetched(2)] == [70, 80, 20]  # a jump (a resumed run) reads its own step

@@ -2,7 +2,7 @@
 
 The posterior noise of a step is drawn for the whole global batch from the step's generator, and then this rank's
 slice is kept, so N data-parallel processes compute what one process would. The images are a tensor on the device,
-indexed by the batch's indices there, or `Rows` read from disk by indices on the host (`data.loading: stream`).
+indexed by the batch's indices there, or `Rows` read from disk a step ahead on the host (`data.loading: stream`).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from sdlib.data.shards import Rows
 from sdlib.models.vae import AutoencoderKL, vae_loss
-from sdlib.training.loop import Batches, Dist, to_device
+from sdlib.training.loop import Batches, Dist, prefetched_rows, to_device
 
 
 class VAELoss:
@@ -20,12 +20,14 @@ class VAELoss:
                  dist: Dist = Dist(), memory_format: torch.memory_format = torch.contiguous_format):
         self.vae, self.images, self.batches, self.kl_weight, self.dist = vae, images, batches, kl_weight, dist
         self.device, self.fmt = next(vae.parameters()).device, memory_format
+        self.read = prefetched_rows([images], batches, dist) if isinstance(images, Rows) else None
 
     def __call__(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         idx = self.batches(step)  # (B,) the global batch
-        x = self.images[self.dist.shard(idx)]
-        if isinstance(self.images, Rows):
-            x = to_device(x, self.device, self.fmt)
+        if self.read is None:
+            x = self.images[self.dist.shard(idx)]
+        else:  # this rank's slice of the same batch, read from disk a step ahead
+            x = to_device(self.read(step)[0], self.device, self.fmt)
         posterior = self.vae.encode(x)
         shape = (len(idx), *posterior.mean.shape[1:])  # the draw is for the global batch, then sliced
         noise = self.dist.shard(torch.randn(shape, generator=gen, device=x.device, dtype=posterior.mean.dtype))

@@ -2,7 +2,7 @@
 
 Every random draw of a step is made for the whole global batch from the step's generator, and then this rank's
 slice is kept, so N data-parallel processes compute what one process would. The latents are tensors on the device,
-or `Rows` read from disk a batch at a time by indices on the host (`data.loading: stream`); the same batches either way.
+or `Rows` read from disk a step ahead on the host (`data.loading: stream`); the same batches either way.
 """
 from __future__ import annotations
 
@@ -21,7 +21,17 @@ from sdlib.errors import DataError
 from sdlib.ldm import DiffusionArgs, LatentDiffusion
 from sdlib.models.text import PretrainedTextArgs, TextEncoderArgs
 from sdlib.models.unet import UNetArgs
-from sdlib.training.loop import EMA, Batches, Dist, adamw, fast_path, steps_for, to_device, warmup_cosine
+from sdlib.training.loop import (
+    EMA,
+    Batches,
+    Dist,
+    adamw,
+    fast_path,
+    prefetched_rows,
+    steps_for,
+    to_device,
+    warmup_cosine,
+)
 
 
 def caption_table(captions: list[list[str]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -68,9 +78,9 @@ class LatentDiffusionLoss:
         self.device = device = encoded.device
         self.model, self.batches, self.cond_drop, self.dist = model, batches, cond_drop, dist
         self.min_snr_gamma, self.timesteps = min_snr_gamma, timesteps
-        self.streamed = isinstance(latents.mean, Rows)
         self.mean, self.std = latents.mean, latents.std
-        if not self.streamed:  # the whole data set on the device
+        self.read = prefetched_rows([self.mean, self.std], batches, dist) if isinstance(self.mean, Rows) else None
+        if self.read is None:  # the whole data set on the device
             self.mean, self.std = self.mean.to(device), self.std.to(device)
         self.scale_factor = latents.scale_factor
         self.encoded, self.table, self.counts = encoded, table.to(device), counts.to(device)
@@ -87,9 +97,11 @@ class LatentDiffusionLoss:
         t = draw_timesteps(self.model.denoiser, self.timesteps, b, gen, dev)
         eps = torch.randn((b, *shape), generator=gen, device=dev)
         idx, noise, pick, drop, t, eps = (shard(v) for v in (idx, noise, pick, drop, t, eps))
-        mean, std = self.mean[idx], self.std[idx]
-        if self.streamed:  # read on the host by host indices; the caption tables are on the device
-            mean, std, idx = to_device(mean, dev), to_device(std, dev), idx.to(dev)
+        if self.read is None:
+            mean, std = self.mean[idx], self.std[idx]
+        else:  # this rank's slice of the same batch, read from disk a step ahead; the caption tables are on the device
+            mean, std = (to_device(v, dev) for v in self.read(step))
+            idx = idx.to(dev)
         z0 = (mean + std * noise) * self.scale_factor  # a posterior sample, at unit variance
         cid = self.table[idx, (pick * self.counts[idx]).long()]
         cid = torch.where(drop, torch.zeros_like(cid), cid)  # caption dropout: "" trains p(x) for CFG
