@@ -44,6 +44,11 @@ def test_shards_round_trip_whatever_the_chunks(tmp_path):
         array.take(np.array([103]))
 
 
+def test_too_many_shards_is_one_line(tmp_path):
+    with pytest.raises(DataError, match="more than 100000 files; raise data.shard_size"):
+        ShardWriter(tmp_path, "x", 100_001, (3,), np.uint8, shard_size=1)
+
+
 def test_writer_counts_rows(tmp_path):
     writer = ShardWriter(tmp_path, "x", 5, (2,), np.float32, shard_size=2)
     writer.write(np.zeros((3, 2), np.float32))

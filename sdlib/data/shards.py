@@ -22,6 +22,7 @@ import torch
 from sdlib.errors import DataError
 
 SHARD = "{name}-{index:05d}.npy"
+MAX_SHARDS = 100_000  # the five digits of the names
 SHARD_SIZE = 4096  # rows per shard unless told (`data.shard_size`'s default)
 Loading = Literal["memory", "stream"]  # a data set as one tensor in memory, or rows read from its shards on demand
 LoadingSetting = Literal["auto", "memory", "stream"]
@@ -50,6 +51,9 @@ class ShardWriter:
                  shard_size: int):
         if shard_size < 1:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
+        if -(-n // shard_size) > MAX_SHARDS:
+            raise DataError(f"{n} rows of {name} in shards of {shard_size} would make more than {MAX_SHARDS} files; "
+                            "raise data.shard_size")
         self.folder, self.name, self.n, self.shard_size = Path(folder), name, n, shard_size
         self.row_shape, self.dtype = tuple(row_shape), np.dtype(dtype)
         self.written, self.sha256 = 0, hashlib.sha256()
