@@ -227,6 +227,20 @@ def test_stage_on_two_processes_matches_one(stage, weights, tiny_data, tmp_path)
                                                                                         "epoch_0003.png"]
 
 
+@pytest.mark.parametrize("stage, weights", [("train_unet", "unet/model.safetensors"),
+                                            ("train_vae", "vae.safetensors")])
+def test_streamed_stage_on_two_processes_matches_in_memory_on_one(stage, weights, tiny_data, tmp_path):
+    """`data.loading: stream` under torchrun: each rank reads its own slice of the batch from the shards."""
+    memory = tiny_params(tmp_path / "memory.yaml")
+    params = yaml.safe_load(memory.read_text())
+    params["data"]["loading"] = "stream"
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(params))
+    train(stage, tiny_data, tmp_path / "one", 1, memory)
+    train(stage, tiny_data, tmp_path / "two", 2, tmp_path / "stream.yaml")
+    one, two = load_file(str(tmp_path / "one" / weights)), load_file(str(tmp_path / "two" / weights))
+    assert max_rel_diff(one, two) < rounding_tol(**RUNS[stage])
+
+
 def test_pixel_space_train_vae_on_two_processes_writes_the_identity_once(tiny_data, tmp_path):
     params = yaml.safe_load(tiny_params(tmp_path / "params.yaml").read_text())
     params["vae"]["kind"] = "none"
