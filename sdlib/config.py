@@ -51,6 +51,11 @@ class DataConfig(_Section):
     channels: Literal[1, 3] = 1
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     seed: int = Field(0, ge=0)  # the `limit` subset and the train/test split; the top-level `seed` is for training
+    shard_size: int = Field(4096, ge=1)  # images per .npy shard of data/processed (and data/latents), as uint8
+    # how train_vae and train_unet read their training set: memory (one tensor, on the device) or stream (each
+    # batch read from the shards: bounded memory, for data larger than it); auto: memory up to 2 GiB as float32.
+    # The same batches either way, hence the same weights
+    loading: Literal["auto", "memory", "stream"] = "auto"
 
 
 class _TrainingLoop(_Section):

@@ -29,7 +29,7 @@ def main(
         check_outputs(out)
         dev = pick_device(device)
         frozen = load_frozen_text(text.pretrained, text.max_length) if text.pretrained else None
-        split = load_split(data, "train")
+        split = load_split(data, "train", "stream")  # its captions: the images are not read
         with tracking.stage_run("encode_captions", {"text.pretrained": text.pretrained,
                                                     "text.max_length": text.max_length}):
             encoded = write_encoded_captions(out, split.captions, text.max_length, frozen, dev)

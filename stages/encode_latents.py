@@ -1,5 +1,5 @@
 """Encode the dataset with the trained VAE and compute the latent scale factor (SD's 0.18215); with `vae.kind: none`
-the latents are the images themselves, at scale factor 1."""
+the latents are the images themselves, at scale factor 1. It reads and writes one batch of images at a time."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +9,11 @@ import typer
 
 from sdlib import tracking
 from sdlib.cli import check_outputs, pick_device, user_errors, wrote
-from sdlib.data.latents import write_latents
-from sdlib.data.splits import load_split
+from sdlib.data.latents import write_encoded
+from sdlib.data.splits import load_split, read_shard_size
 from sdlib.models.vae import encode_posteriors, load_vae
+
+BATCH = 256  # images encoded at a time (the batches of `encode_posteriors`, so the latents do not depend on shards)
 
 app = typer.Typer(add_completion=False)
 
@@ -23,14 +25,16 @@ def main(
     out: Annotated[Path, typer.Option(help="latents folder to write")] = Path("data/latents"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
 ) -> None:
-    """Write data/latents/{train,test}.safetensors (posterior mean, std, labels) and meta.json (scale_factor)."""
+    """Write data/latents/{train,test}-{mean,std}-NNNNN.npy (posterior mean and std), {train,test}-labels.npy and
+    meta.json (scale_factor), in shards of the processed data's size."""
     with user_errors():
         check_outputs(out)
         vae = load_vae(vae_path, pick_device(device))
-        splits = {name: load_split(data, name) for name in ("train", "test")}
+        splits = {name: load_split(data, name, "stream") for name in ("train", "test")}
         with tracking.stage_run("encode_latents", {}):
-            encoded = {name: (*encode_posteriors(vae, split.images), split.labels) for name, split in splits.items()}
-            meta = write_latents(out, encoded, vae.scale_factor)
+            encoded = {name: ((encode_posteriors(vae, x, BATCH) for x in split.images.chunks(BATCH)), split.labels)
+                       for name, split in splits.items()}
+            meta = write_encoded(out, encoded, vae.scale_factor, shard_size=read_shard_size(data))
             tracking.log_metrics({"scale_factor": meta["scale_factor"]})
         wrote(out)
         print(f"encode_latents: latents {tuple(meta['latent_shape'])}, scale_factor {meta['scale_factor']:.5f}")

@@ -1,5 +1,6 @@
 """Train the text-conditioned latent U-Net and its CLIP text encoder jointly (or, with `text.pretrained`, a projection
-of a frozen encoder's cached states), with caption dropout and EMA weights."""
+of a frozen encoder's cached states), with caption dropout and EMA weights. The latents live on the device, or stream
+from their shards a batch at a time (`data.loading`), with the same result."""
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +17,7 @@ from sdlib.cli import check_outputs, pick_device, user_errors, wrote
 from sdlib.data.encoded_captions import FILE as CAPTIONS_FILE
 from sdlib.data.encoded_captions import load_encoded_captions
 from sdlib.data.latents import load_latents
+from sdlib.data.shards import pick_loading
 from sdlib.data.splits import load_split
 from sdlib.diffusion.samplers import check_sampler
 from sdlib.errors import DataError
@@ -30,7 +32,8 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Annotated[Path, typer.Option(help="params.yaml (`unet`, `text`, `epochs`, `seed`)")] = Path("params.yaml"),
+    params: Annotated[Path, typer.Option(help="params.yaml (`unet`, `text`, `epochs`, `seed`, `data.loading`)")] = Path(
+        "params.yaml"),
     data: Annotated[Path, typer.Option(help="preprocessed dataset folder (captions)")] = Path("data/processed"),
     latents: Annotated[Path, typer.Option(help="encoded latents folder")] = Path("data/latents"),
     captions: Annotated[Path, typer.Option(help="encoded captions folder (ids, states, tokenizer)")] = Path("data/captions"),
@@ -54,10 +57,13 @@ def main(
         raw = config.read_params(params)
         cfg, text_cfg = config.parse_section("unet", raw.get("unet")), config.parse_section("text", raw.get("text"))
         epochs, seed = config.top_level(raw, "epochs"), config.top_level(raw, "seed")
+        data_cfg = config.parse_section("data", raw.get("data"))
         check_sampler(cfg.samples.sampler, "unet.samples.sampler")
         check_outputs(out, metrics, curve, samples, checkpoint)
-        lat = load_latents(latents, "train")
-        split = load_split(data, "train")
+        lat = load_latents(latents, "train", "stream")
+        if pick_loading(data_cfg.loading, 2 * 4 * lat.mean.shape.numel()) == "memory":  # mean and std, float32
+            lat = load_latents(latents, "train", "memory")
+        split = load_split(data, "train", "stream")  # its captions: the images are not read
         if len(split) != len(lat):
             raise DataError(f"{latents} holds {len(lat)} latents but {data} {len(split)} images; re-run encode_latents")
         encoded = load_encoded_captions(captions)
@@ -66,7 +72,7 @@ def main(
                                 encoded=encoded, device=dev, dist=dist)
             model, ema, total = run.model, run.ema, run.total_steps
             run_params = config.flatten({"unet": cfg, "text": text_cfg, "epochs": epochs, "seed": seed})
-            inputs = (latents / "train.safetensors", captions / CAPTIONS_FILE)
+            inputs = (latents / "meta.json", captions / CAPTIONS_FILE)
             ckpt = Checkpointer(checkpoint, fingerprint(run_params, files=inputs))
             with tracking.stage_run("train_unet", run_params) if dist.is_main else contextlib.nullcontext():
                 grids = TrainingGrids(cfg.samples, model=model, ema=ema, vae=vae, tokenizer=captions / "tokenizer",

@@ -1,5 +1,6 @@
 """Train the KL-regularised autoencoder that defines the latent space; report reconstruction PSNR on the test split.
-With `vae.kind: none` (pixel space) there is nothing to train: it writes the identity autoencoder instead."""
+With `vae.kind: none` (pixel space) there is nothing to train: it writes the identity autoencoder instead. The images
+live on the device, or stream from their shards a batch at a time (`data.loading`), with the same result."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +13,7 @@ import typer
 
 from sdlib import config, tracking
 from sdlib.cli import check_outputs, pick_device, user_errors, wrote
+from sdlib.data.shards import pick_loading
 from sdlib.data.splits import load_split
 from sdlib.io import fingerprint, write_csv, write_json
 from sdlib.models.vae import (
@@ -19,12 +21,14 @@ from sdlib.models.vae import (
     IdentityArgs,
     IdentityAutoencoder,
     VAEArgs,
+    image_psnr,
     reconstruct,
-    reconstruction_psnr,
     save_vae,
 )
 from sdlib.training.autoencoder import VAELoss
 from sdlib.training.loop import Batches, Checkpointer, adamw, distributed, fast_path, fit, steps_for, warmup_cosine
+
+EVAL_BATCH = 256  # test images reconstructed at a time
 
 app = typer.Typer(add_completion=False)
 
@@ -41,7 +45,8 @@ def write_identity(out: Path, metrics: Path, curve: Path, channels: int, run_par
 
 @app.command()
 def main(
-    params: Annotated[Path, typer.Option(help="params.yaml to read the `vae` section and `seed` from")] = Path("params.yaml"),
+    params: Annotated[Path, typer.Option(help="params.yaml to read `vae`, `seed` and `data.loading` from")] = Path(
+        "params.yaml"),
     data: Annotated[Path, typer.Option(help="preprocessed dataset folder")] = Path("data/processed"),
     out: Annotated[Path, typer.Option(help="VAE weights (safetensors)")] = Path("models/vae.safetensors"),
     metrics: Annotated[Path, typer.Option(help="metrics JSON")] = Path("reports/train_vae.json"),
@@ -56,9 +61,11 @@ def main(
     with user_errors():
         raw = config.read_params(params)
         cfg, seed = config.parse_section("vae", raw.get("vae")), config.top_level(raw, "seed")
+        data_cfg = config.parse_section("data", raw.get("data"))
         check_outputs(out, metrics, curve, checkpoint)
-        train, test = load_split(data, "train"), load_split(data, "test")
-        n = len(train.images)
+        train, test = load_split(data, "train", "stream"), load_split(data, "test", "stream")
+        n = len(train)
+        loading = pick_loading(data_cfg.loading, 4 * train.images.shape.numel())  # as float32
 
         with distributed(pick_device(device)) as (dist, dev):
             if cfg.kind == "none":  # nothing to train: rank 0 writes the identity
@@ -73,15 +80,18 @@ def main(
             args = config.args_from(cfg, VAEArgs, in_channels=train.images.shape[1])
             vae = AutoencoderKL(args).to(dev)
             amp = fast_path([vae.encoder, vae.decoder], dev, cfg.precision, cfg.compile, cfg.compile_mode)
-            images = train.images.to(dev)  # the whole data set lives on the device
-            loss_fn = VAELoss(vae, images, batches=Batches(n, cfg.batch_size, seed, dev), kl_weight=cfg.kl_weight,
-                              dist=dist)
+            fmt = torch.channels_last  # the batches' layout, as fast_path lays out the weights
+            if loading == "memory":  # the whole data set lives on the device, batches are gathered there
+                images, batches = train.images.load().to(dev), Batches(n, cfg.batch_size, seed, dev)
+            else:  # each batch is read from the shards, by indices on the host
+                images, batches = train.images, Batches(n, cfg.batch_size, seed, torch.device("cpu"))
+            loss_fn = VAELoss(vae, images, batches=batches, kl_weight=cfg.kl_weight, dist=dist, memory_format=fmt)
             optimizer = adamw(vae.parameters(), cfg.lr, dev)
             total = steps_for(n, cfg.batch_size, cfg.epochs)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup=min(100, total // 10)))
 
             run_params = config.flatten({"vae": cfg, "seed": seed})
-            ckpt = Checkpointer(checkpoint, fingerprint(cfg.model_dump(), seed, files=(data / "train.safetensors",)))
+            ckpt = Checkpointer(checkpoint, fingerprint(cfg.model_dump(), seed, files=(data / "meta.json",)))
             with tracking.stage_run("train_vae", run_params) if dist.is_main else contextlib.nullcontext():
                 history = fit(model=vae, loss_fn=loss_fn, optimizer=optimizer, total_steps=total,
                               steps_per_epoch=max(n // cfg.batch_size, 1), seed=seed, device=dev,
@@ -92,8 +102,9 @@ def main(
                     return
                 n_params = sum(p.numel() for p in vae.parameters())
                 vae.eval()
-                recon = reconstruct(vae, test.images)
-                result = {"psnr": round(reconstruction_psnr(test.images, recon), 3),
+                psnr = torch.cat([image_psnr(x, reconstruct(vae, x, EVAL_BATCH))
+                                  for x in test.images.chunks(EVAL_BATCH)]).mean()  # the mean of every image's
+                result = {"psnr": round(float(psnr), 3),
                           "loss": round(history.rows[-1]["loss"], 5), "params_m": round(n_params / 1e6, 3)}
                 tracking.log_metrics(result)
                 save_vae(out, vae)

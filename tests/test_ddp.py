@@ -180,7 +180,7 @@ def tiny_params(path: Path, **unet: object) -> Path:
     orders, while the function the net computes would not.
     """
     path.write_text(yaml.safe_dump({
-        "seed": 0, "epochs": 3,
+        "seed": 0, "epochs": 3, "data": {"loading": "auto"},
         "vae": {"base_channels": 64, "channel_mult": [1, 2], "latent_channels": 4, "epochs": 1, "batch_size": 32,
                 "log_every": 3},
         "text": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 8},
@@ -225,6 +225,20 @@ def test_stage_on_two_processes_matches_one(stage, weights, tiny_data, tmp_path)
         for run in ("one", "two"):
             assert sorted(p.name for p in (tmp_path / run / "train_samples").iterdir()) == ["epoch_0002.png",
                                                                                         "epoch_0003.png"]
+
+
+@pytest.mark.parametrize("stage, weights", [("train_unet", "unet/model.safetensors"),
+                                            ("train_vae", "vae.safetensors")])
+def test_streamed_stage_on_two_processes_matches_in_memory_on_one(stage, weights, tiny_data, tmp_path):
+    """`data.loading: stream` under torchrun: each rank reads its own slice of the batch from the shards."""
+    memory = tiny_params(tmp_path / "memory.yaml")
+    params = yaml.safe_load(memory.read_text())
+    params["data"]["loading"] = "stream"
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(params))
+    train(stage, tiny_data, tmp_path / "one", 1, memory)
+    train(stage, tiny_data, tmp_path / "two", 2, tmp_path / "stream.yaml")
+    one, two = load_file(str(tmp_path / "one" / weights)), load_file(str(tmp_path / "two" / weights))
+    assert max_rel_diff(one, two) < rounding_tol(**RUNS[stage])
 
 
 def test_pixel_space_train_vae_on_two_processes_writes_the_identity_once(tiny_data, tmp_path):

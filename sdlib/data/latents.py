@@ -1,32 +1,38 @@
 """Encoded latents: the VAE posterior of every image, and SD's latent scale factor, as the U-Net trains on them.
 
-On disk, data/latents/: `{train,test}.safetensors` with the posterior `mean` and `std` float32 (N, z, h, w) and
-`labels` int64 (N,); `meta.json` `{"scale_factor", "latent_shape", "n_train", "n_test"}`. Keeping the posterior
-rather than one sample lets training draw a fresh z ~ q(z|x) every step, as LDM does.
+On disk, data/latents/: `{train,test}-mean-NNNNN.npy` and `{train,test}-std-NNNNN.npy`, the posterior mean and std
+float32 (n, z, h, w) in shards (sdlib.data.shards) of the processed images' `shard_size`, and `{train,test}-labels.npy`
+int64 (N,); `meta.json` `{"scale_factor", "latent_shape", "n_train", "n_test", "shard_size", "sha256"}`. Keeping the
+posterior rather than one sample lets training draw a fresh z ~ q(z|x) every step, as LDM does.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from sdlib.data.shards import SHARD_SIZE, Loading, Rows, ShardedArray, ShardWriter
 from sdlib.data.splits import SplitName
 from sdlib.errors import DataError
 from sdlib.io import atomic_dir, write_json
 
 SCALE_SEED = 0  # the draw of posterior samples the scale factor is estimated from; fixed, not a param
+# the scale factor is estimated from the first train latents up to this many values (16M: the whole of every data set
+# up to 50,000 latents of 4x8x8, 1,024 of 4x32x32), so that it costs bounded memory
+SCALE_MAX_VALUES = 2**24
 
 
 @dataclass
 class Latents:
     """One split's posteriors q(z|x) = N(mean, std^2), and the scale factor of the whole latent set."""
 
-    mean: torch.Tensor  # (N, z, h, w)
-    std: torch.Tensor  # (N, z, h, w)
+    mean: torch.Tensor | Rows  # (N, z, h, w): in memory, or read from the shards on demand (load_latents' `stream`)
+    std: torch.Tensor | Rows  # (N, z, h, w)
     labels: torch.Tensor  # (N,)
     scale_factor: float
 
@@ -41,38 +47,70 @@ def estimate_scale_factor(mean: torch.Tensor, std: torch.Tensor) -> float:
     return float(1.0 / z.std())
 
 
-def write_latents(out: str | Path, splits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                  scale_factor: float | None = None) -> dict:
-    """Write {split: (mean, std, labels)} and meta.json as the folder `out`; the scale factor is the autoencoder's
-    own where it has one (pixel space: 1), else estimated from the train split."""
-    mean, std, _ = splits["train"]
-    scale_factor = estimate_scale_factor(mean, std) if scale_factor is None else scale_factor
-    meta = {"scale_factor": scale_factor, "latent_shape": list(mean.shape[1:]),
-            **{f"n_{name}": len(m) for name, (m, _, _) in splits.items()}}
+def write_encoded(out: str | Path, splits: dict[str, tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]],
+                  scale_factor: float | None = None, *, shard_size: int = SHARD_SIZE) -> dict:
+    """Write {split: (chunks of (mean, std), labels)} and meta.json as the folder `out`, holding one chunk at a time;
+    the scale factor is the autoencoder's own where it has one (pixel space: 1), else estimated from the first train
+    latents (all of them up to SCALE_MAX_VALUES)."""
+    meta: dict = {"scale_factor": scale_factor, "latent_shape": None, "shard_size": shard_size, "sha256": {}}
     with atomic_dir(out) as tmp:
-        for name, (m, s, labels) in splits.items():
-            save_file({"mean": m, "std": s, "labels": labels}, str(tmp / f"{name}.safetensors"))
+        for name, (chunks, labels) in splits.items():
+            writers: tuple[ShardWriter, ShardWriter] | None = None
+            head: list[tuple[torch.Tensor, torch.Tensor]] = []  # the first train latents, for the scale factor
+            for mean, std in chunks:
+                if writers is None:
+                    meta["latent_shape"] = list(mean.shape[1:])
+                    writers = tuple(ShardWriter(tmp, f"{name}-{part}", len(labels), tuple(mean.shape[1:]),
+                                                np.float32, shard_size) for part in ("mean", "std"))
+                    keep = max(SCALE_MAX_VALUES // math.prod(mean.shape[1:]), 1)
+                for writer, part in zip(writers, (mean, std)):
+                    writer.write(part.numpy())
+                if name == "train" and meta["scale_factor"] is None and keep > 0:
+                    head.append((mean[:keep], std[:keep]))
+                    keep -= len(head[-1][0])
+            if writers is None:
+                raise DataError(f"no {name} latents to write")
+            meta["sha256"][name] = {part: w.close() for part, w in zip(("mean", "std"), writers)}
+            meta[f"n_{name}"] = len(labels)
+            np.save(tmp / f"{name}-labels.npy", labels.numpy())
+            if head:
+                meta["scale_factor"] = estimate_scale_factor(torch.cat([m for m, _ in head]),
+                                                             torch.cat([s for _, s in head]))
         write_json(tmp / "meta.json", meta)
     return meta
 
 
-def load_latents(folder: str | Path, split: SplitName = "train") -> Latents:
-    """One split of a latents folder written by `write_latents`, checked against its meta.json."""
+def write_latents(out: str | Path, splits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                  scale_factor: float | None = None, *, shard_size: int = SHARD_SIZE) -> dict:
+    """`write_encoded` of in-memory {split: (mean, std, labels)}."""
+    return write_encoded(out, {name: ([(m, s)], labels) for name, (m, s, labels) in splits.items()}, scale_factor,
+                         shard_size=shard_size)
+
+
+def load_latents(folder: str | Path, split: SplitName = "train", loading: Loading = "memory") -> Latents:
+    """One split of a latents folder written by `write_encoded`, checked against its meta.json: mean and std as
+    tensors (`memory`) or as `Rows` read from the shards on demand (`stream`)."""
     folder = Path(folder)
-    tensors_path, meta_path = folder / f"{split}.safetensors", folder / "meta.json"
-    missing = [p.name for p in (tensors_path, meta_path) if not p.is_file()]
+    labels_path, meta_path = folder / f"{split}-labels.npy", folder / "meta.json"
+    if (folder / f"{split}.safetensors").is_file() and not labels_path.is_file():
+        raise DataError(f"{folder}: latents in the older single-file format ({split}.safetensors); "
+                        "re-run encode_latents")
+    missing = [p.name for p in (labels_path, meta_path) if not p.is_file()]
     if missing:
         raise DataError(f"{folder}: no {', '.join(missing)} (run the encode_latents stage first)")
     try:
         meta = json.loads(meta_path.read_text())
         scale_factor, expected = float(meta["scale_factor"]), int(meta[f"n_{split}"])
-        tensors = load_file(str(tensors_path))
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        labels = torch.from_numpy(np.load(labels_path, allow_pickle=False))
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{folder}: corrupt latents ({str(e).splitlines()[0]}); re-run encode_latents") from None
-    mean, std, labels = (tensors.get(k) for k in ("mean", "std", "labels"))
-    if mean is None or std is None or labels is None or mean.ndim != 4 or std.shape != mean.shape:
-        raise DataError(f"{tensors_path}: expected mean and std (N, z, h, w) and labels (N,); re-run encode_latents")
+    mean, std = (ShardedArray(folder, f"{split}-{part}") for part in ("mean", "std"))
+    if mean.shape != std.shape or len(mean.row_shape) != 3 or labels.shape != (len(mean),):
+        raise DataError(f"{folder}: expected {split} mean and std (N, z, h, w) and labels (N,); re-run encode_latents")
     if len(mean) != expected or not scale_factor > 0:
-        raise DataError(f"{tensors_path}: {len(mean)} latents, scale factor {scale_factor}; meta.json says "
+        raise DataError(f"{folder}: {len(mean)} {split} latents, scale factor {scale_factor}; meta.json says "
                         f"{expected}; re-run encode_latents")
+    mean, std = Rows(mean), Rows(std)
+    if loading == "memory":
+        mean, std = mean.load(), std.load()
     return Latents(mean, std, labels, scale_factor)

@@ -31,7 +31,7 @@ import json
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
+from typing import Sequence, get_args
 
 import numpy as np
 import pandas as pd
@@ -86,7 +86,7 @@ class RawData:
     """A fetched dataset at source resolution, as stored in data/raw."""
 
     source: str
-    images: list[Image.Image]  # mode L or RGB, any size
+    images: Sequence[Image.Image]  # mode L or RGB, any size (read_raw's: loaded as they are indexed)
     labels: list[int]  # class index, -1 without a class
     captions: list[list[str]]  # the source's own captions of image i; empty for class datasets
     classes: list[str]
@@ -358,6 +358,22 @@ def write_raw(raw: RawData, out: str | Path) -> None:
         write_json(tmp / "classes.json", info)
 
 
+class ImageFiles(Sequence):
+    """Image files as a sequence of images, each read when it is indexed: a data set larger than memory can be
+    gone through one image at a time."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ImageFiles(self.paths[i])
+        return load_image(self.paths[i])
+
+
 def read_raw(raw_dir: str | Path) -> RawData:
     """Read a data/raw folder written by `write_raw`."""
     raw_dir = Path(raw_dir)
@@ -383,6 +399,6 @@ def read_raw(raw_dir: str | Path) -> RawData:
     bad = [y for y in label_of.values() if not -1 <= y < len(classes)]
     if bad:
         raise DataError(f"{meta_csv}: label {bad[0]} is outside the {len(classes)} classes of {classes_json.name}")
-    images = [load_image(raw_dir / f) for f in tqdm(label_of, desc="read PNGs", unit="img", disable=None)]
+    images = ImageFiles([raw_dir / f for f in label_of])
     return RawData(source, images, list(label_of.values()), list(captions_of.values()), classes, digits, attribution,
                    skipped)

@@ -209,10 +209,15 @@ def vae_loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian, 
     return rec + kl_weight * kl, rec.detach(), kl.detach()
 
 
+def image_psnr(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each image (N,), for images in [-1, 1] (peak-to-peak 2)."""
+    mse = (recon.clamp(-1, 1) - x).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
 def psnr(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """Mean PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
-    mse = (recon.clamp(-1, 1) - x).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()
+    return image_psnr(x, recon).mean()
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Latent diffusion's training objective, as `sdlib.training.loop.fit` runs it: `(step, generator) -> loss`.
 
 Every random draw of a step is made for the whole global batch from the step's generator, and then this rank's
-slice is kept, so N data-parallel processes compute what one process would.
+slice is kept, so N data-parallel processes compute what one process would. The latents are tensors on the device,
+or `Rows` read from disk a step ahead on the host (`data.loading: stream`); the same batches either way.
 """
 from __future__ import annotations
 
@@ -14,12 +15,23 @@ from sdlib import config
 from sdlib.config import TextConfig, UNetConfig
 from sdlib.data.encoded_captions import EncodedCaptions, unique_captions
 from sdlib.data.latents import Latents
+from sdlib.data.shards import Rows
 from sdlib.diffusion.denoisers import Denoiser
 from sdlib.errors import DataError
 from sdlib.ldm import DiffusionArgs, LatentDiffusion
 from sdlib.models.text import PretrainedTextArgs, TextEncoderArgs
 from sdlib.models.unet import UNetArgs
-from sdlib.training.loop import EMA, Batches, Dist, adamw, fast_path, steps_for, warmup_cosine
+from sdlib.training.loop import (
+    EMA,
+    Batches,
+    Dist,
+    adamw,
+    fast_path,
+    prefetched_rows,
+    steps_for,
+    to_device,
+    warmup_cosine,
+)
 
 
 def caption_table(captions: list[list[str]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -63,17 +75,20 @@ class LatentDiffusionLoss:
     def __init__(self, model: LatentDiffusion, latents: Latents, encoded: torch.Tensor, table: torch.Tensor,
                  counts: torch.Tensor, *, batches: Batches, cond_drop: float, dist: Dist = Dist(),
                  min_snr_gamma: float = 0.0, timesteps: TimestepSampling = "uniform"):
-        device = encoded.device
+        self.device = device = encoded.device
         self.model, self.batches, self.cond_drop, self.dist = model, batches, cond_drop, dist
         self.min_snr_gamma, self.timesteps = min_snr_gamma, timesteps
-        self.mean, self.std = latents.mean.to(device), latents.std.to(device)  # the whole data set on the device
+        self.mean, self.std = latents.mean, latents.std
+        self.read = prefetched_rows([self.mean, self.std], batches, dist) if isinstance(self.mean, Rows) else None
+        if self.read is None:  # the whole data set on the device
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
         self.scale_factor = latents.scale_factor
         self.encoded, self.table, self.counts = encoded, table.to(device), counts.to(device)
         self.encode = model.project if model.frozen_text else model.encode_text
         self.fmt = torch.channels_last  # as fast_path lays out the weights
 
     def __call__(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        dev, shard = self.mean.device, self.dist.shard
+        dev, shard = self.device, self.dist.shard
         idx = self.batches(step)  # (B,) the global batch; every draw is for all of it, then this rank's slice
         b, shape = len(idx), self.mean.shape[1:]
         noise = torch.randn((b, *shape), generator=gen, device=dev)
@@ -82,7 +97,12 @@ class LatentDiffusionLoss:
         t = draw_timesteps(self.model.denoiser, self.timesteps, b, gen, dev)
         eps = torch.randn((b, *shape), generator=gen, device=dev)
         idx, noise, pick, drop, t, eps = (shard(v) for v in (idx, noise, pick, drop, t, eps))
-        z0 = (self.mean[idx] + self.std[idx] * noise) * self.scale_factor  # a posterior sample, at unit variance
+        if self.read is None:
+            mean, std = self.mean[idx], self.std[idx]
+        else:  # this rank's slice of the same batch, read from disk a step ahead; the caption tables are on the device
+            mean, std = (to_device(v, dev) for v in self.read(step))
+            idx = idx.to(dev)
+        z0 = (mean + std * noise) * self.scale_factor  # a posterior sample, at unit variance
         cid = self.table[idx, (pick * self.counts[idx]).long()]
         cid = torch.where(drop, torch.zeros_like(cid), cid)  # caption dropout: "" trains p(x) for CFG
         if dev.type == "cuda":  # unique() would make every step wait for the GPU; B captions cost less
@@ -136,7 +156,8 @@ def unet_training(cfg: UNetConfig, text_cfg: TextConfig, *, epochs: int, seed: i
                             latent_hw=tuple(latents.mean.shape[2:])).to(device)
     amp = fast_path([model.unet], device, cfg.precision, cfg.compile, cfg.compile_mode)
     inputs = (encoded.ids if encoded.states is None else encoded.states).to(device)
-    loss_fn = LatentDiffusionLoss(model, latents, inputs, table, counts, batches=Batches(n, bs, seed, device),
+    batches = Batches(n, bs, seed, torch.device("cpu") if isinstance(latents.mean, Rows) else device)
+    loss_fn = LatentDiffusionLoss(model, latents, inputs, table, counts, batches=batches,
                                   cond_drop=cfg.cond_drop, dist=dist, min_snr_gamma=cfg.min_snr_gamma,
                                   timesteps=cfg.timesteps)
     optimizer = adamw(model.parameters(), cfg.lr, device)

@@ -15,6 +15,8 @@ import contextlib
 import math
 import os
 import sys
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -53,6 +55,15 @@ def steps_for(n: int, batch_size: int, epochs: int) -> int:
     return max(n // batch_size, 1) * epochs
 
 
+def to_device(x: torch.Tensor, device: torch.device,
+              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """A batch read on the host, onto `device`: through pinned memory on CUDA, so the copy does not stall the host.
+    On the CPU a contiguous batch is returned as it is."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, memory_format=memory_format, non_blocking=True)
+
+
 class Batches:
     """`batch_indices` as a tensor on `device`, copied there once per epoch so that a step never waits on the host."""
 
@@ -69,6 +80,33 @@ class Batches:
                 perm = perm.pin_memory().to(self.device, non_blocking=True)
             self._epoch, self._perm = epoch, perm
         return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+class Prefetched:
+    """`read(step)`, with the next step's read already under way in a background thread, so that a batch read from
+    disk overlaps the step before it (the read releases the GIL). `read` must be a pure function of the step, as the
+    batches are, and thread-safe; an error of a read is raised by the call that asks for its step."""
+
+    def __init__(self, read: Callable[[int], Any]):
+        self.read = read
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        weakref.finalize(self, self._pool.shutdown, False)
+        self._next: tuple[int, Future] | None = None
+
+    def __call__(self, step: int) -> Any:
+        if self._next is not None and self._next[0] == step:
+            value = self._next[1].result()
+        else:  # the first step, or a jump (a resumed run)
+            value = self.read(step)
+        self._next = (step + 1, self._pool.submit(self.read, step + 1))
+        return value
+
+
+def prefetched_rows(rows: Sequence[Any], batches: Batches, dist: Dist) -> Prefetched:
+    """This rank's slice of each step's batch from each of `rows` (`Rows` of sdlib.data.shards), as a tuple, read a
+    step ahead. The thread draws the indices from a `Batches` of its own: the caller's is not thread-safe."""
+    own = Batches(batches.n, batches.batch_size, batches.seed, torch.device("cpu"))
+    return Prefetched(lambda step: tuple(r[dist.shard(own(step))] for r in rows))
 
 
 @dataclass(frozen=True)
