@@ -244,13 +244,15 @@ def test_the_placeholder_classifier(tmp_path):
 def test_evaluate_without_classes(tmp_path, tiny_models, params_file):
     """Captions, no classes, the placeholder classifier: retrieval in pixels and the VAE's PSNR, nothing else; the
     classifier space is a one-line error."""
+    from sdlib.data.images import from_uint8
     from sdlib.data.splits import Split, write_processed
 
     gen = torch.Generator().manual_seed(0)
     names = [f"picture {chr(97 + i)}" for i in range(20)]
 
     def split(n: int, offset: int) -> Split:
-        return Split(torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1, torch.full((n,), -1),
+        images = from_uint8(torch.randint(0, 256, (n, 1, 8, 8), generator=gen))  # what the shards store exactly
+        return Split(images, torch.full((n,), -1),
                      [[names[offset + i]] for i in range(n)], [], False)
 
     data = tmp_path / "processed"

@@ -25,7 +25,9 @@ class VAELoss:
     def __call__(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         idx = self.batches(step)  # (B,) the global batch
         if self.read is None:
-            x = self.images[self.dist.shard(idx)].contiguous(memory_format=self.fmt)
+            # .to, as to_device lays out a read batch: for 1-channel images .contiguous(channels_last) is a no-op
+            # whose NCHW strides would steer the first convolution to another algorithm than the streamed batch's
+            x = self.images[self.dist.shard(idx)].to(memory_format=self.fmt)
         else:  # this rank's slice of the same batch, read from disk a step ahead
             x = to_device(self.read(step)[0], self.device, self.fmt)
         posterior = self.vae.encode(x)
