@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from sdlib import config, tracking
@@ -30,6 +31,10 @@ def main(
         check_sampler(cfg.sampler, "pretrained.sample.sampler")
         check_outputs(out)
         net, vae, prompts, meta = load_model(model, model / "vae.safetensors", pick_device(device))
+        # NCHW, the layout `sample --pretrained` draws in (load_pretrained keeps the weights as views of the file):
+        # either way, the same images to the bit
+        net.to(memory_format=torch.contiguous_format)
+        vae.to(memory_format=torch.contiguous_format)
         hw = drawn_size(net, vae, cfg.height, cfg.width, "params: pretrained.sample.height/width")
         check_clip_skip(net, cfg.clip_skip, "params: pretrained.sample.clip_skip")
         jobs = plan(cfg, meta)
