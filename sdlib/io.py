@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sdlib.errors import CheckpointError
+from sdlib.errors import CheckpointError, DataError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -109,6 +109,24 @@ def write_csv(path: str | Path, df) -> None:
     """Write a pandas DataFrame as CSV, atomically."""
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+def read_csv(path: str | Path, columns: tuple[str, ...], *, missing: str, needs: tuple[str, ...] | None = None):
+    """A CSV of strings (pandas DataFrame, no NaN) that must exist (else DataError "{path}: {missing}") and hold
+    `columns` (the one-line error names the absent ones and the `needs` header, default `columns`)."""
+    import pandas as pd  # imported here: only the readers of tables need pandas
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {missing}")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable CSV ({' '.join(str(e).split()) or 'empty'})") from None
+    absent = [c for c in columns if c not in table.columns]
+    if absent:
+        raise DataError(f"{path}: missing column {', '.join(absent)} (needs {','.join(needs or columns)})")
+    return table
 
 
 def fingerprint(*parts: object, files: tuple[Path, ...] = ()) -> str:

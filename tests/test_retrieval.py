@@ -337,3 +337,23 @@ def test_captions_only_folder_runs_the_pipeline(tmp_path):
                                                                           for p in manifest["path"])
     report = (project / "reports/report.md").read_text()
     assert "the data has no classes" in report and "| retrieval top-1 |" in report and "](retrieval/grid.png)" in report
+
+
+def test_manifests_errors_name_the_file_and_the_columns(tmp_path):
+    """Both manifests (retrieval's and the samples') are read by sdlib.io.read_csv: a missing file, an unreadable one
+    and absent columns are one-line errors naming the file and the header it needs."""
+    from sdlib.evaluation.retrieval import read_retrieval_manifest
+    from sdlib.evaluation.scoring import read_manifest
+
+    path = tmp_path / "manifest.csv"
+    with pytest.raises(DataError, match=r"manifest\.csv: no retrieval manifest \(run the sample stage with --retrieval"):
+        read_retrieval_manifest(path, [["a"]], 1)
+    path.write_text("")
+    with pytest.raises(DataError, match=r"manifest\.csv: not a readable CSV"):
+        read_retrieval_manifest(path, [["a"]], 1)
+    path.write_text("index,caption\n0,a\n")
+    with pytest.raises(DataError, match=r"missing column seed, path \(needs index,caption,seed,path\)$"):
+        read_retrieval_manifest(path, [["a"]], 1)
+    path.write_text("prompt,seed\n0,1\n")
+    with pytest.raises(DataError, match=r"missing column label, path \(needs prompt,label,seed,path\)$"):
+        read_manifest(path, 10)

@@ -15,11 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Sequence
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from sdlib.errors import DataError
+from sdlib.io import read_csv
 
 RetrievalSpace = Literal["classifier", "pixels"]
 RETRIEVAL_KS = (1, 5)  # top-k accuracies reported
@@ -82,15 +82,8 @@ def retrieval_scores(ranks: torch.Tensor, ks: Sequence[int] = RETRIEVAL_KS) -> d
 def read_retrieval_manifest(path: Path, captions: Sequence[Sequence[str]], n: int) -> tuple[list[int], list[Path]]:
     """(test image indices, sample paths) of a retrieval folder's manifest.csv, checked against the test split's
     `captions` and the `n` images evaluate.retrieval asks for."""
-    if not path.is_file():
-        raise DataError(f"{path}: no retrieval manifest (run the sample stage with --retrieval first)")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable CSV ({' '.join(str(e).split()) or 'empty'})") from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in table.columns]
-    if missing:
-        raise DataError(f"{path}: missing column {', '.join(missing)} (needs {','.join(MANIFEST_COLUMNS)})")
+    table = read_csv(path, MANIFEST_COLUMNS,
+                     missing="no retrieval manifest (run the sample stage with --retrieval first)")
     if len(table) != n:
         raise DataError(f"{path}: {len(table)} sample(s) but evaluate.retrieval is {n} (re-run the sample stage)")
     indices = []

@@ -20,20 +20,14 @@ from sdlib.errors import DataError
 from sdlib.evaluation.metrics import PRC_NEIGHBOURS, conditional_accuracy, fidelity_metrics
 from sdlib.evaluation.retrieval import RetrievalSpace, pixel_features, retrieval_ranks, retrieval_scores
 from sdlib.models.classifier import Classifier, embed
+from sdlib.io import read_csv
 from sdlib.models.vae import Autoencoder, reconstruct, reconstruction_psnr
 
 
 def read_manifest(path: Path, num_classes: int) -> tuple[list[str], list[Path], torch.Tensor]:
     """Prompts, image paths (relative to the working directory) and prompted labels (-1: none) of manifest.csv."""
-    if not path.is_file():
-        raise DataError(f"{path}: no sample manifest (run the sample stage first)")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable CSV ({' '.join(str(e).split()) or 'empty'})") from None
-    missing = [c for c in ("prompt", "label", "path") if c not in table.columns]
-    if missing:
-        raise DataError(f"{path}: missing column {', '.join(missing)} (needs prompt,label,seed,path)")
+    table = read_csv(path, ("prompt", "label", "path"), missing="no sample manifest (run the sample stage first)",
+                     needs=("prompt", "label", "seed", "path"))
     labels = []
     for line, (label, file) in enumerate(zip(table["label"], table["path"]), start=2):
         label = label.strip() or "-1"  # empty: the prompt names no class

@@ -58,7 +58,7 @@ def steps_for(n: int, batch_size: int, epochs: int) -> int:
 def to_device(x: torch.Tensor, device: torch.device,
               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """A batch read on the host, onto `device`: through pinned memory on CUDA, so the copy does not stall the host.
-    On the CPU a contiguous batch is returned as it is."""
+    On the CPU a batch already in `memory_format` is returned as it is."""
     if device.type == "cuda":
         x = x.pin_memory()
     return x.to(device, memory_format=memory_format, non_blocking=True)
@@ -163,7 +163,7 @@ def fast_path(modules: Sequence[nn.Module], device: torch.device, precision: Pre
     """Set up the fast path for the networks in `modules`; returns the autocast dtype (None: plain fp32).
 
     channels_last weights on every device: oneDNN's CPU convolutions, like cuDNN's, are fastest on NHWC (on a 2-core
-    CPU, one thread: a VAE training step 0.78x, a U-Net step 0.89x the time of contiguous NCHW; bench/RESULTS.md).
+    Xeon, one thread: a VAE training step 0.81x, a U-Net step 0.87x the CPU time of NCHW; bench/memory_format.py).
     On CUDA: cuDNN autotuning, and with bf16 also TF32 for what autocast leaves in fp32; `fp32` stays exact IEEE
     float32. `compile` compiles each module in place (its state-dict keys do not change),
     in torch.compile's `compile_mode`; "reduce-overhead" replays each step's kernels as a CUDA graph on a GPU.
