@@ -47,35 +47,54 @@ def estimate_scale_factor(mean: torch.Tensor, std: torch.Tensor) -> float:
     return float(1.0 / z.std())
 
 
+class ScaleEstimate:
+    """`estimate_scale_factor` over a stream of posterior chunks: keeps the first latents, up to SCALE_MAX_VALUES."""
+
+    def __init__(self):
+        self.head: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.keep: int | None = None  # latents still wanted
+
+    def add(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        if self.keep is None:
+            self.keep = max(SCALE_MAX_VALUES // math.prod(mean.shape[1:]), 1)
+        if self.keep > 0:
+            self.head.append((mean[:self.keep], std[:self.keep]))
+            self.keep -= len(self.head[-1][0])
+
+    @property
+    def full(self) -> bool:
+        return self.keep is not None and self.keep <= 0
+
+    def value(self) -> float:
+        return estimate_scale_factor(torch.cat([m for m, _ in self.head]), torch.cat([s for _, s in self.head]))
+
+
 def write_encoded(out: str | Path, splits: dict[str, tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]],
                   scale_factor: float | None = None, *, shard_size: int = SHARD_SIZE) -> dict:
     """Write {split: (chunks of (mean, std), labels)} and meta.json as the folder `out`, holding one chunk at a time;
-    the scale factor is the autoencoder's own where it has one (pixel space: 1), else estimated from the first train
-    latents (all of them up to SCALE_MAX_VALUES)."""
+    the scale factor is the autoencoder's own where it has one (pixel space: 1; a VAE file written by train_vae or
+    pretrained_convert), else estimated from the first train latents (all of them up to SCALE_MAX_VALUES)."""
     meta: dict = {"scale_factor": scale_factor, "latent_shape": None, "shard_size": shard_size, "sha256": {}}
     with atomic_dir(out) as tmp:
         for name, (chunks, labels) in splits.items():
             writers: tuple[ShardWriter, ShardWriter] | None = None
-            head: list[tuple[torch.Tensor, torch.Tensor]] = []  # the first train latents, for the scale factor
+            scale = ScaleEstimate() if name == "train" and meta["scale_factor"] is None else None
             for mean, std in chunks:
                 if writers is None:
                     meta["latent_shape"] = list(mean.shape[1:])
                     writers = tuple(ShardWriter(tmp, f"{name}-{part}", len(labels), tuple(mean.shape[1:]),
                                                 np.float32, shard_size) for part in ("mean", "std"))
-                    keep = max(SCALE_MAX_VALUES // math.prod(mean.shape[1:]), 1)
                 for writer, part in zip(writers, (mean, std)):
                     writer.write(part.numpy())
-                if name == "train" and meta["scale_factor"] is None and keep > 0:
-                    head.append((mean[:keep], std[:keep]))
-                    keep -= len(head[-1][0])
+                if scale is not None:
+                    scale.add(mean, std)
             if writers is None:
                 raise DataError(f"no {name} latents to write")
             meta["sha256"][name] = {part: w.close() for part, w in zip(("mean", "std"), writers)}
             meta[f"n_{name}"] = len(labels)
             np.save(tmp / f"{name}-labels.npy", labels.numpy())
-            if head:
-                meta["scale_factor"] = estimate_scale_factor(torch.cat([m for m, _ in head]),
-                                                             torch.cat([s for _, s in head]))
+            if scale is not None:
+                meta["scale_factor"] = scale.value()
         write_json(tmp / "meta.json", meta)
     return meta
 

@@ -10,6 +10,7 @@ so the U-Net diffuses pixels, as DDPM (Ho et al. 2020) does, and the pipeline sh
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -126,11 +127,14 @@ class Decoder(nn.Module):
 
 class AutoencoderKL(nn.Module):
     kind: ClassVar[str] = "kl"  # vae.kind
-    scale_factor: ClassVar[float | None] = None  # None: estimated from the encoded training set (encode_latents)
 
-    def __init__(self, args: VAEArgs):
+    def __init__(self, args: VAEArgs, scale_factor: float | None = None):
         super().__init__()
         self.args = args
+        # latents are multiplied by this before diffusion, part of the latent space as diffusers' `scaling_factor`:
+        # train_vae estimates it, a converted SD VAE has its checkpoint's; None: not known yet (encode_latents
+        # estimates it from the training set)
+        self.scale_factor = scale_factor
         self.encoder = Encoder(args)
         self.decoder = Decoder(args)
         if args.quant_conv == "1x1":
@@ -250,6 +254,8 @@ def save_vae(path: str | Path, vae: Autoencoder) -> None:
     """The VAE's weights with its config, so that `load_vae` rebuilds it from the file alone. The header names the
     identity (`"autoencoder": "none"`, no tensors); a kl one is written as it was before pixel space existed."""
     which = {} if vae.kind == "kl" else {"autoencoder": vae.kind}
+    if vae.kind == "kl" and vae.scale_factor is not None:
+        which["scale_factor"] = vae.scale_factor
     save_weights(path, vae.state_dict(), {"kind": "vae", **which, "args": vae.args.to_dict()})
 
 
@@ -262,6 +268,10 @@ def load_vae(path: Path, device: torch.device | str = "cpu") -> Autoencoder:
             raise ValueError(f"unknown autoencoder {kind!r}")
         model, args = AUTOENCODERS[kind]
         vae = model(args.from_dict(meta["args"]))
+        if "scale_factor" in meta:  # kl only (save_vae); older files carry none
+            vae.scale_factor = float(meta["scale_factor"])
+            if not 0 < vae.scale_factor < math.inf:
+                raise ValueError(f"scale factor {vae.scale_factor}")
         vae.load_state_dict(tensors)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: VAE checkpoint does not match the model ({str(e).splitlines()[0]})") from None

@@ -328,7 +328,7 @@ def _build(cfg: SDConfig, prediction: str) -> tuple[LatentDiffusion, Autoencoder
     with _parameters_on_meta():
         model = LatentDiffusion(unet=cfg.unet, text=cfg.text, diffusion=replace(cfg.diffusion, prediction=prediction),
                                 latent_hw=cfg.latent_hw)
-        return model, AutoencoderKL(cfg.vae)
+        return model, AutoencoderKL(cfg.vae, scale_factor=cfg.diffusion.scale_factor)  # the checkpoint's
 
 
 def _check_prediction(prediction: str | None) -> None:
