@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdlib.errors import ConfigError
 
@@ -77,9 +77,21 @@ class VAEConfig(_TrainingLoop):
     num_res_blocks: int = Field(1, ge=1)
     latent_channels: int = Field(4, ge=1)
     kl_weight: float = Field(1e-6, ge=0.0)
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(12, ge=0)  # 0 (with init_from): the init VAE is scored and written unchanged
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0.0)
+    # A VAE file to start from (e.g. models/pretrained/vae.safetensors, so that the latents are in a pretrained
+    # U-Net's latent space): its architecture and latent scale factor come from the file, and base_channels,
+    # channel_mult, num_res_blocks and latent_channels are not read. "": train from scratch
+    init_from: str = ""
+
+    @model_validator(mode="after")
+    def _init(self) -> "VAEConfig":
+        if self.init_from and self.kind == "none":
+            raise ValueError("vae.init_from needs vae.kind kl (pixel space has no VAE to start from)")
+        if self.epochs == 0 and not self.init_from:
+            raise ValueError("vae.epochs 0 needs vae.init_from (a VAE to write unchanged)")
+        return self
 
 
 class TextConfig(_Section):
@@ -118,6 +130,11 @@ class UNetConfig(_TrainingLoop):
     min_snr_gamma: float = Field(0.0, ge=0.0)  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: DDPM's simple loss
     timesteps: Literal["uniform", "lognormal"] = "uniform"  # how training draws t (lognormal: in sigma, as EDM)
     warmup: int = Field(200, ge=0)  # learning-rate warm-up steps (at most a tenth of the run), then cosine decay
+    # A model folder to fine-tune (models/pretrained, or a copy of an earlier models/unet): the U-Net, text encoder,
+    # noise schedule, prediction and latent scale factor come from its files, so the size keys above
+    # (model_channels .. num_timesteps) and text's hidden_size, num_layers, num_heads and max_length are not read;
+    # its text encoder stays frozen. "": train from scratch
+    init_from: str = ""
     samples: TrainSamplesConfig = Field(default_factory=lambda: TrainSamplesConfig())  # grids drawn while training
 
     @field_validator("attention_levels")
@@ -272,6 +289,8 @@ def _first_error(section: str, err: ValidationError) -> str:
     loc = ".".join(str(p) for p in (section, *e["loc"]))
     if e["type"] == "extra_forbidden":
         return f"params: unknown key '{loc}'"
+    if not e["loc"]:  # a model validator's: the message names its keys
+        return f"params: {e['msg'].removeprefix('Value error, ')}"
     value = e.get("input")
     return f"params: bad value for '{loc}' ({value!r}): {e['msg']}"
 
@@ -302,6 +321,13 @@ def top_level(params: dict, key: str) -> int:
         kind = "a positive integer" if key == "epochs" else "a non-negative integer"
         raise ConfigError(f"params: bad value for '{key}' ({raw!r}): must be {kind}")
     return value
+
+
+def check_init_text(init_from: str, pretrained: str) -> None:
+    """`unet.init_from` brings its own text encoder and tokenizer: a frozen `text.pretrained` contradicts it."""
+    if init_from and pretrained:
+        raise ConfigError(f"params: text.pretrained ({pretrained!r}) and unet.init_from ({init_from!r}) exclude each "
+                          "other: the init model brings its own text encoder; set one of them to \"\"")
 
 
 def load_section(name: str, path: str | Path = "params.yaml") -> _Section:

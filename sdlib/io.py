@@ -105,6 +105,22 @@ def load_weights(path: str | Path, kind: str | None = None) -> tuple[dict[str, t
     return tensors, meta
 
 
+def read_meta(path: str | Path, kind: str | None = None) -> dict:
+    """The `meta` of a checkpoint written by `save_weights`, from its header alone (no tensor is read); check its
+    `kind` when given."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({str(e).splitlines()[0]})") from None
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{path}: expected a '{kind}' checkpoint, found '{meta.get('kind')}'")
+    return meta
+
+
 def write_csv(path: str | Path, df) -> None:
     """Write a pandas DataFrame as CSV, atomically."""
     with atomic_path(path) as tmp:

@@ -1,6 +1,8 @@
-"""Train the KL-regularised autoencoder that defines the latent space; report reconstruction PSNR on the test split.
-With `vae.kind: none` (pixel space) there is nothing to train: it writes the identity autoencoder instead. The images
-live on the device, or stream from their shards a batch at a time (`data.loading`), with the same result."""
+"""Train the KL-regularised autoencoder that defines the latent space, and estimate its latent scale factor; report
+reconstruction PSNR on the test split. With `vae.init_from` it starts from that VAE file (architecture and scale factor
+from it; `vae.epochs: 0` writes it unchanged). With `vae.kind: none` (pixel space) there is nothing to train: it writes
+the identity autoencoder instead. The images live on the device, or stream from their shards a batch at a time
+(`data.loading`), with the same result."""
 from __future__ import annotations
 
 import contextlib
@@ -13,14 +15,18 @@ import typer
 
 from sdlib import config, tracking
 from sdlib.cli import check_outputs, pick_device, user_errors, wrote
+from sdlib.data.latents import ScaleEstimate
 from sdlib.data.shards import pick_loading
 from sdlib.data.splits import load_split
+from sdlib.errors import DataError
+from sdlib.finetune import init_vae
 from sdlib.io import fingerprint, write_csv, write_json
 from sdlib.models.vae import (
     AutoencoderKL,
     IdentityArgs,
     IdentityAutoencoder,
     VAEArgs,
+    encode_posteriors,
     image_psnr,
     reconstruct,
     save_vae,
@@ -31,6 +37,18 @@ from sdlib.training.loop import Batches, Checkpointer, adamw, distributed, fast_
 EVAL_BATCH = 256  # test images reconstructed at a time
 
 app = typer.Typer(add_completion=False)
+
+
+@torch.no_grad()
+def scale_factor(vae: AutoencoderKL, images) -> float:
+    """The latent scale factor, as encode_latents estimated it before VAE files carried one: from the posteriors of
+    the first training images, encoded EVAL_BATCH at a time."""
+    estimate = ScaleEstimate()
+    for x in images.chunks(EVAL_BATCH):
+        estimate.add(*encode_posteriors(vae, x, EVAL_BATCH))
+        if estimate.full:
+            break
+    return estimate.value()
 
 
 def write_identity(out: Path, metrics: Path, curve: Path, channels: int, run_params: dict) -> None:
@@ -66,6 +84,10 @@ def main(
         train, test = load_split(data, "train", "stream"), load_split(data, "test", "stream")
         n = len(train)
         loading = pick_loading(data_cfg.loading, 4 * train.images.shape.numel())  # as float32
+        init, init_digest = init_vae(cfg.init_from, out) if cfg.init_from else (None, "")
+        if init is not None and init.args.in_channels != train.images.shape[1]:
+            raise DataError(f"vae.init_from: {cfg.init_from} encodes {init.args.in_channels}-channel images, "
+                            f"{data} holds {train.images.shape[1]}-channel ones (data.channels)")
 
         with distributed(pick_device(device)) as (dist, dev):
             if cfg.kind == "none":  # nothing to train: rank 0 writes the identity
@@ -77,8 +99,10 @@ def main(
                 return
             dist.check_batch(cfg.batch_size, n, "vae.batch_size")
             torch.manual_seed(seed)  # parameter initialisation only; the loop uses its own per-step generators
-            args = config.args_from(cfg, VAEArgs, in_channels=train.images.shape[1])
-            vae = AutoencoderKL(args).to(dev)
+            if init is None:
+                vae = AutoencoderKL(config.args_from(cfg, VAEArgs, in_channels=train.images.shape[1])).to(dev)
+            else:  # its architecture and scale factor are the file's
+                vae = init.to(dev)
             amp = fast_path([vae.encoder, vae.decoder], dev, cfg.precision, cfg.compile, cfg.compile_mode)
             fmt = torch.channels_last  # the batches' layout, as fast_path lays out the weights
             if loading == "memory":  # the whole data set lives on the device, batches are gathered there
@@ -91,7 +115,8 @@ def main(
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup=min(100, total // 10)))
 
             run_params = config.flatten({"vae": cfg, "seed": seed})
-            ckpt = Checkpointer(checkpoint, fingerprint(cfg.model_dump(), seed, files=(data / "meta.json",)))
+            ckpt = Checkpointer(checkpoint, fingerprint(cfg.model_dump(), seed, init_digest,
+                                                        files=(data / "meta.json",)))
             with tracking.stage_run("train_vae", run_params) if dist.is_main else contextlib.nullcontext():
                 history = fit(model=vae, loss_fn=loss_fn, optimizer=optimizer, total_steps=total,
                               steps_per_epoch=max(n // cfg.batch_size, 1), seed=seed, device=dev,
@@ -104,15 +129,20 @@ def main(
                 vae.eval()
                 psnr = torch.cat([image_psnr(x, reconstruct(vae, x, EVAL_BATCH))
                                   for x in test.images.chunks(EVAL_BATCH)]).mean()  # the mean of every image's
-                result = {"psnr": round(float(psnr), 3),
-                          "loss": round(history.rows[-1]["loss"], 5), "params_m": round(n_params / 1e6, 3)}
+                if vae.scale_factor is None:  # an init VAE keeps its own: the U-Net it serves was trained at it
+                    vae.scale_factor = scale_factor(vae, train.images)
+                result = {"psnr": round(float(psnr), 3), "params_m": round(n_params / 1e6, 3)}
+                if history.rows:  # none with vae.epochs 0
+                    result["loss"] = round(history.rows[-1]["loss"], 5)
                 tracking.log_metrics(result)
                 save_vae(out, vae)
                 write_json(metrics, result)
-                write_csv(curve, pd.DataFrame(history.rows))
+                write_csv(curve, pd.DataFrame(history.rows) if history.rows else pd.DataFrame(columns=["epoch", "loss"]))
                 ckpt.clear()
         wrote(out, metrics, curve)
-        print(f"train_vae: test PSNR {result['psnr']:.2f} dB")
+        start = f" from {cfg.init_from} (its architecture and scale factor)" if init is not None else ""
+        print(f"train_vae: {total} steps{start}, test PSNR {result['psnr']:.2f} dB, scale factor "
+              f"{vae.scale_factor:.5f}")
 
 
 if __name__ == "__main__":
