@@ -1,6 +1,7 @@
 """Train the text-conditioned latent U-Net and its CLIP text encoder jointly (or, with `text.pretrained`, a projection
-of a frozen encoder's cached states), with caption dropout and EMA weights. The latents live on the device, or stream
-from their shards a batch at a time (`data.loading`), with the same result."""
+of a frozen encoder's cached states), with caption dropout and EMA weights; or, with `unet.init_from`, fine-tune the
+U-Net of a saved model folder (its text encoder frozen). The latents live on the device, or stream from their shards a
+batch at a time (`data.loading`), with the same result."""
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,9 @@ from sdlib.data.shards import pick_loading
 from sdlib.data.splits import load_split
 from sdlib.diffusion.samplers import check_sampler
 from sdlib.errors import DataError
+from sdlib.finetune import MODEL, check_latents, check_tokenizer, init_model
 from sdlib.io import atomic_dir, fingerprint, write_csv, write_json
-from sdlib.ldm import save_ldm
+from sdlib.ldm import load_ldm, save_ldm
 from sdlib.training.grids import TrainingGrids
 from sdlib.training.latent_diffusion import unet_training
 from sdlib.training.loop import Checkpointer, distributed, fit
@@ -48,8 +50,9 @@ def main(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] (under torchrun: cuda:LOCAL_RANK)")] = "auto",
 ) -> None:
     """Train the U-Net noise predictor on VAE latents, conditioned on captions through a CLIP text encoder (or a
-    frozen pretrained one, `text.pretrained`). Every `unet.samples.every` epochs, and after the last, a grid of
-    samples drawn with the EMA weights from fixed seeds: SAMPLES/epoch_XXXX.png, also logged to MLflow.
+    frozen pretrained one, `text.pretrained`), or fine-tune the model folder `unet.init_from`. Every
+    `unet.samples.every` epochs, and after the last, a grid of samples drawn with the EMA weights from fixed seeds:
+    SAMPLES/epoch_XXXX.png, also logged to MLflow.
 
     Data-parallel on N GPUs (or CPU processes): `torchrun --nproc_per_node N -m stages.train_unet ...`.
     """
@@ -59,7 +62,9 @@ def main(
         epochs, seed = config.top_level(raw, "epochs"), config.top_level(raw, "seed")
         data_cfg = config.parse_section("data", raw.get("data"))
         check_sampler(cfg.samples.sampler, "unet.samples.sampler")
+        config.check_init_text(cfg.init_from, text_cfg.pretrained)
         check_outputs(out, metrics, curve, samples, checkpoint)
+        init = init_model(cfg.init_from, out) if cfg.init_from else None
         lat = load_latents(latents, "train", "stream")
         if pick_loading(data_cfg.loading, 2 * 4 * lat.mean.shape.numel()) == "memory":  # mean and std, float32
             lat = load_latents(latents, "train", "memory")
@@ -67,13 +72,19 @@ def main(
         if len(split) != len(lat):
             raise DataError(f"{latents} holds {len(lat)} latents but {data} {len(split)} images; re-run encode_latents")
         encoded = load_encoded_captions(captions)
+        source = {}  # where the weights started, recorded in the model's header
+        if init is not None:  # before loading gigabytes of weights
+            check_latents(init, lat.mean.shape[1], lat.scale_factor, latents)
+            check_tokenizer(init, captions, encoded.max_length)
+            source = {"init_from": {"path": str(init.folder), "sha256": init.digest()}}
         with distributed(pick_device(device)) as (dist, dev):
             run = unet_training(cfg, text_cfg, epochs=epochs, seed=seed, latents=lat, captions=split.captions,
-                                encoded=encoded, device=dev, dist=dist)
+                                encoded=encoded, device=dev, dist=dist,
+                                init=load_ldm(init.folder / MODEL)[0] if init is not None else None)
             model, ema, total = run.model, run.ema, run.total_steps
             run_params = config.flatten({"unet": cfg, "text": text_cfg, "epochs": epochs, "seed": seed})
             inputs = (latents / "meta.json", captions / CAPTIONS_FILE)
-            ckpt = Checkpointer(checkpoint, fingerprint(run_params, files=inputs))
+            ckpt = Checkpointer(checkpoint, fingerprint(run_params, source, files=inputs))
             with tracking.stage_run("train_unet", run_params) if dist.is_main else contextlib.nullcontext():
                 grids = TrainingGrids(cfg.samples, model=model, ema=ema, vae=vae, tokenizer=captions / "tokenizer",
                                       epochs=epochs, folder=samples,
@@ -98,12 +109,14 @@ def main(
                 tracking.log_metrics(result)
                 with atomic_dir(out) as tmp:
                     shutil.copytree(captions / "tokenizer", tmp / "tokenizer")
-                    save_ldm(tmp / "model.safetensors", model, {"classes": split.classes, "digits": split.digits})
+                    save_ldm(tmp / MODEL, model, {"classes": split.classes, "digits": split.digits, **source})
         write_json(metrics, result)
         write_csv(curve, pd.DataFrame(history.rows))
         ckpt.clear()
         wrote(out, metrics, curve, *grids.paths())
-        print(f"train_unet: {total} steps, final loss {result['loss']:.4f}")
+        how = (f" fine-tuning {init.folder} (its architecture, schedule and scale factor; text encoder frozen)"
+               if init is not None else "")
+        print(f"train_unet: {total} steps{how}, final loss {result['loss']:.4f}")
 
 if __name__ == "__main__":
     app()

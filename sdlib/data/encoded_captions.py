@@ -4,11 +4,12 @@
 On disk, data/captions/: `captions.safetensors` with `ids` int64 (N, L) and, with a frozen encoder, `states`
 float32 (N, L, D); its metadata holds the N captions (index 0 is "", the unconditional prompt, then the rest
 sorted), `pretrained` and `max_length`. `tokenizer/` is the tokenizer the ids come from (CLIP's for the trained
-encoder), which train_unet copies into the model folder.
+encoder; a model folder's own when fine-tuning it), which train_unet copies into the model folder.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +41,15 @@ def unique_captions(captions: list[list[str]]) -> list[str]:
 
 @torch.no_grad()
 def write_encoded_captions(out: str | Path, captions: list[list[str]], max_length: int,
-                           frozen: FrozenText | None = None, device: torch.device | str = "cpu") -> EncodedCaptions:
-    """Tokenize the distinct `captions` (and run `frozen`'s encoder on them, on `device`) into the folder `out`."""
+                           frozen: FrozenText | None = None, device: torch.device | str = "cpu",
+                           tokenizer_dir: Path | None = None) -> EncodedCaptions:
+    """Tokenize the distinct `captions` (and run `frozen`'s encoder on them, on `device`) into the folder `out`, with
+    CLIP's tokenizer, `frozen`'s, or the CLIP tokenizer files in `tokenizer_dir` (a model folder's, copied)."""
     unique = unique_captions(captions)
     with atomic_dir(out) as tmp:
-        if frozen is None:
+        if tokenizer_dir is not None:
+            tokenizer = load_tokenizer(Path(shutil.copytree(tokenizer_dir, tmp / "tokenizer")), max_length)
+        elif frozen is None:
             tokenizer = load_tokenizer(write_clip_tokenizer_files(tmp / "tokenizer"), max_length)
         else:
             tokenizer = frozen.tokenizer

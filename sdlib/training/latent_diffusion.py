@@ -6,6 +6,8 @@ or `Rows` read from disk a step ahead on the host (`data.loading: stream`); the 
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,7 +71,8 @@ class LatentDiffusionLoss:
     2022), a timestep and noise; the denoiser's loss (DDPM's simple loss, eps or v) on them.
 
     `encoded` holds each caption's token ids (N, L), or, with a frozen pretrained encoder, its cached token states
-    (N, L, D), which only the learned projection sees.
+    (N, L, D), which only the learned projection sees. A text encoder whose parameters are all frozen (fine-tuning
+    from `unet.init_from`) runs without autograd: the backward pass stops at the U-Net.
     """
 
     def __init__(self, model: LatentDiffusion, latents: Latents, encoded: torch.Tensor, table: torch.Tensor,
@@ -82,9 +85,10 @@ class LatentDiffusionLoss:
         self.read = prefetched_rows([self.mean, self.std], batches, dist) if isinstance(self.mean, Rows) else None
         if self.read is None:  # the whole data set on the device
             self.mean, self.std = self.mean.to(device), self.std.to(device)
-        self.scale_factor = latents.scale_factor
+        self.scale_factor = model.diffusion.scale_factor  # the latents' (checked by the caller)
         self.encoded, self.table, self.counts = encoded, table.to(device), counts.to(device)
         self.encode = model.project if model.frozen_text else model.encode_text
+        self.no_text_grad = not model.frozen_text and not any(p.requires_grad for p in model.text.parameters())
         self.fmt = torch.channels_last  # as fast_path lays out the weights
 
     def __call__(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -105,13 +109,15 @@ class LatentDiffusionLoss:
         z0 = (mean + std * noise) * self.scale_factor  # a posterior sample, at unit variance
         cid = self.table[idx, (pick * self.counts[idx]).long()]
         cid = torch.where(drop, torch.zeros_like(cid), cid)  # caption dropout: "" trains p(x) for CFG
-        if dev.type == "cuda":  # unique() would make every step wait for the GPU; B captions cost less
-            context = self.encode(self.encoded[cid])  # (B, L, D)
-        else:
-            uniq, inverse = cid.unique(return_inverse=True)
-            # each caption encoded once; index_select, not [inverse]: the backward of indexing (index_put_ with
-            # accumulate) adds rows with atomics across threads in a run-dependent order, index_add_ in batch order
-            context = self.encode(self.encoded[uniq]).index_select(0, inverse)  # (B, L, D)
+        with torch.no_grad() if self.no_text_grad else contextlib.nullcontext():
+            if dev.type == "cuda":  # unique() would make every step wait for the GPU; B captions cost less
+                context = self.encode(self.encoded[cid])  # (B, L, D)
+            else:
+                uniq, inverse = cid.unique(return_inverse=True)
+                # each caption encoded once; index_select, not [inverse]: the backward of indexing (index_put_ with
+                # accumulate) adds rows with atomics across threads in a run-dependent order, index_add_ in batch
+                # order
+                context = self.encode(self.encoded[uniq]).index_select(0, inverse)  # (B, L, D)
         z0, eps = z0.contiguous(memory_format=self.fmt), eps.contiguous(memory_format=self.fmt)
         return self.model.denoiser.loss(z0, context, t=t, eps=eps, min_snr_gamma=self.min_snr_gamma), {}
 
@@ -133,17 +139,50 @@ class UNetTraining:
 
 def unet_training(cfg: UNetConfig, text_cfg: TextConfig, *, epochs: int, seed: int, latents: Latents,
                   captions: list[list[str]], encoded: EncodedCaptions, device: torch.device,
-                  dist: Dist = Dist()) -> UNetTraining:
+                  dist: Dist = Dist(), init: LatentDiffusion | None = None) -> UNetTraining:
     """Model (initialised from `seed`), objective, AdamW, warm-up + cosine LR and EMA for `epochs` over `latents`,
     whose image i has the captions `captions[i]`, tokenized (and, with `text.pretrained`, encoded) once in `encoded`.
+
+    With `init` (the model of `unet.init_from`, loaded), that model is fine-tuned instead: its arguments, weights,
+    noise schedule and scale factor, not `cfg`'s and `text_cfg`'s sizes; its text encoder is frozen (as diffusers'
+    train_text_to_image does), and its default drawing size becomes the latents'.
     """
     unique, table, counts = caption_table(captions)
+    max_length = text_cfg.max_length if init is None else init.text_args.max_length
     made_with = (encoded.captions, encoded.pretrained, encoded.max_length)
-    if made_with != (unique, text_cfg.pretrained, text_cfg.max_length):
+    if made_with != (unique, text_cfg.pretrained, max_length):
         raise DataError(f"the encoded captions were made from other captions or text params (pretrained "
                         f"{encoded.pretrained!r}, max_length {encoded.max_length}); re-run encode_captions")
     n, bs = len(latents), cfg.batch_size
     dist.check_batch(bs, n, "unet.batch_size")
+    if init is None:
+        model = _new_model(cfg, text_cfg, seed, latents, encoded).to(device)
+    else:
+        if init.frozen_text:
+            raise ValueError("fine-tuning needs a model with its own text encoder, not a frozen text.pretrained one")
+        channels, scale = latents.mean.shape[1], latents.scale_factor
+        if channels != init.unet_args.in_channels or not math.isclose(scale, init.diffusion.scale_factor,
+                                                                      rel_tol=1e-6):
+            raise DataError(f"the latents ({channels} channels, scale factor {scale:.6g}) are not in the init model's "
+                            f"latent space ({init.unet_args.in_channels}, {init.diffusion.scale_factor:.6g})")
+        model = init.to(device)
+        model.latent_hw = tuple(latents.mean.shape[2:])
+        model.text.requires_grad_(False)
+    amp = fast_path([model.unet], device, cfg.precision, cfg.compile, cfg.compile_mode)
+    inputs = (encoded.ids if encoded.states is None else encoded.states).to(device)
+    batches = Batches(n, bs, seed, torch.device("cpu") if isinstance(latents.mean, Rows) else device)
+    loss_fn = LatentDiffusionLoss(model, latents, inputs, table, counts, batches=batches,
+                                  cond_drop=cfg.cond_drop, dist=dist, min_snr_gamma=cfg.min_snr_gamma,
+                                  timesteps=cfg.timesteps)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, device)
+    total = steps_for(n, bs, epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup=min(cfg.warmup, total // 10)))
+    return UNetTraining(model, loss_fn, optimizer, scheduler, EMA(model, cfg.ema_decay), total, max(n // bs, 1), amp)
+
+
+def _new_model(cfg: UNetConfig, text_cfg: TextConfig, seed: int, latents: Latents,
+               encoded: EncodedCaptions) -> LatentDiffusion:
+    """A model of the params' sizes, initialised from `seed`, for `latents` and the `encoded` captions."""
     torch.manual_seed(seed)  # parameter initialisation only; the loop uses its own per-step generators
     if text_cfg.pretrained:
         text_args = PretrainedTextArgs(pretrained=text_cfg.pretrained, encoder_dim=encoded.states.shape[-1],
@@ -152,15 +191,4 @@ def unet_training(cfg: UNetConfig, text_cfg: TextConfig, *, epochs: int, seed: i
         text_args = config.args_from(text_cfg, TextEncoderArgs)
     unet_args = config.args_from(cfg, UNetArgs, in_channels=latents.mean.shape[1], context_dim=text_args.hidden_size)
     diffusion = config.args_from(cfg, DiffusionArgs, scale_factor=latents.scale_factor)
-    model = LatentDiffusion(unet=unet_args, text=text_args, diffusion=diffusion,
-                            latent_hw=tuple(latents.mean.shape[2:])).to(device)
-    amp = fast_path([model.unet], device, cfg.precision, cfg.compile, cfg.compile_mode)
-    inputs = (encoded.ids if encoded.states is None else encoded.states).to(device)
-    batches = Batches(n, bs, seed, torch.device("cpu") if isinstance(latents.mean, Rows) else device)
-    loss_fn = LatentDiffusionLoss(model, latents, inputs, table, counts, batches=batches,
-                                  cond_drop=cfg.cond_drop, dist=dist, min_snr_gamma=cfg.min_snr_gamma,
-                                  timesteps=cfg.timesteps)
-    optimizer = adamw(model.parameters(), cfg.lr, device)
-    total = steps_for(n, bs, epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup=min(cfg.warmup, total // 10)))
-    return UNetTraining(model, loss_fn, optimizer, scheduler, EMA(model, cfg.ema_decay), total, max(n // bs, 1), amp)
+    return LatentDiffusion(unet=unet_args, text=text_args, diffusion=diffusion, latent_hw=tuple(latents.mean.shape[2:]))
