@@ -1,5 +1,6 @@
-"""Encode the dataset with the trained VAE and compute the latent scale factor (SD's 0.18215); with `vae.kind: none`
-the latents are the images themselves, at scale factor 1. It reads and writes one batch of images at a time."""
+"""Encode the dataset with the trained VAE, at the VAE's latent scale factor (SD's 0.18215; estimated here for VAE files
+that carry none); with `vae.kind: none` the latents are the images themselves, at scale factor 1. It reads and writes
+one batch of images at a time."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +12,8 @@ from sdlib import tracking
 from sdlib.cli import check_outputs, pick_device, user_errors, wrote
 from sdlib.data.latents import write_encoded
 from sdlib.data.splits import load_split, read_shard_size
-from sdlib.models.vae import encode_posteriors, load_vae
+from sdlib.models.vae import encode_posteriors, load_vae, vae_batch
 
-BATCH = 256  # images encoded at a time (the batches of `encode_posteriors`, so the latents do not depend on shards)
 
 app = typer.Typer(add_completion=False)
 
@@ -32,7 +32,9 @@ def main(
         vae = load_vae(vae_path, pick_device(device))
         splits = {name: load_split(data, name, "stream") for name in ("train", "test")}
         with tracking.stage_run("encode_latents", {}):
-            encoded = {name: ((encode_posteriors(vae, x, BATCH) for x in split.images.chunks(BATCH)), split.labels)
+            # the batches of `encode_posteriors` are the chunks read, so the latents do not depend on shards
+            batch = vae_batch(splits["train"].images.shape[1:])
+            encoded = {name: ((encode_posteriors(vae, x, batch) for x in split.images.chunks(batch)), split.labels)
                        for name, split in splits.items()}
             meta = write_encoded(out, encoded, vae.scale_factor, shard_size=read_shard_size(data))
             tracking.log_metrics({"scale_factor": meta["scale_factor"]})

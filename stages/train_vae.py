@@ -30,11 +30,10 @@ from sdlib.models.vae import (
     image_psnr,
     reconstruct,
     save_vae,
+    vae_batch,
 )
 from sdlib.training.autoencoder import VAELoss
 from sdlib.training.loop import Batches, Checkpointer, adamw, distributed, fast_path, fit, steps_for, warmup_cosine
-
-EVAL_BATCH = 256  # test images reconstructed at a time
 
 app = typer.Typer(add_completion=False)
 
@@ -42,10 +41,10 @@ app = typer.Typer(add_completion=False)
 @torch.no_grad()
 def scale_factor(vae: AutoencoderKL, images) -> float:
     """The latent scale factor, as encode_latents estimated it before VAE files carried one: from the posteriors of
-    the first training images, encoded EVAL_BATCH at a time."""
-    estimate = ScaleEstimate()
-    for x in images.chunks(EVAL_BATCH):
-        estimate.add(*encode_posteriors(vae, x, EVAL_BATCH))
+    the first training images, in encode_latents' batches."""
+    estimate, batch = ScaleEstimate(), vae_batch(images.shape[1:])
+    for x in images.chunks(batch):
+        estimate.add(*encode_posteriors(vae, x, batch))
         if estimate.full:
             break
     return estimate.value()
@@ -127,8 +126,9 @@ def main(
                     return
                 n_params = sum(p.numel() for p in vae.parameters())
                 vae.eval()
-                psnr = torch.cat([image_psnr(x, reconstruct(vae, x, EVAL_BATCH))
-                                  for x in test.images.chunks(EVAL_BATCH)]).mean()  # the mean of every image's
+                batch = vae_batch(test.images.shape[1:])
+                psnr = torch.cat([image_psnr(x, reconstruct(vae, x, batch))
+                                  for x in test.images.chunks(batch)]).mean()  # the mean of every image's
                 if vae.scale_factor is None:  # an init VAE keeps its own: the U-Net it serves was trained at it
                     vae.scale_factor = scale_factor(vae, train.images)
                 result = {"psnr": round(float(psnr), 3), "params_m": round(n_params / 1e6, 3)}

@@ -21,7 +21,7 @@ from sdlib.evaluation.metrics import PRC_NEIGHBOURS, conditional_accuracy, fidel
 from sdlib.evaluation.retrieval import RetrievalSpace, pixel_features, retrieval_ranks, retrieval_scores
 from sdlib.models.classifier import Classifier, embed
 from sdlib.io import read_csv
-from sdlib.models.vae import Autoencoder, reconstruct, reconstruction_psnr
+from sdlib.models.vae import Autoencoder, reconstruct, reconstruction_psnr, vae_batch
 
 
 def read_manifest(path: Path, num_classes: int) -> tuple[list[str], list[Path], torch.Tensor]:
@@ -123,7 +123,7 @@ def vae_quality(vae: Autoencoder, images: torch.Tensor, classifier: Path | None,
     reconstructions are the images."""
     if vae.kind == "none":
         return {}
-    recon = reconstruct(vae, images)
+    recon = reconstruct(vae, images, vae_batch(images.shape[1:]))
     if classifier is None:
         return {"vae_psnr": reconstruction_psnr(images, recon)}
     rfid = fidelity_metrics(to_uint8(recon), to_uint8(images), classifier, device, prc=False, kid=False)["fid"]

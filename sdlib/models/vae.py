@@ -224,6 +224,15 @@ def psnr(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return image_psnr(x, recon).mean()
 
 
+VAE_VALUES = 2**22  # input values per VAE batch: 256 images up to 64x64 RGB, 5 at SD's 512x512 (~0.7 GB a layer)
+
+
+def vae_batch(image_shape: tuple[int, ...] | torch.Size) -> int:
+    """Images (C, H, W) per batch through the VAE: 256, fewer for large images, so that the activations of SD's
+    128-channel VAE at 512x512 stay near a gigabyte a layer."""
+    return max(1, min(256, VAE_VALUES // math.prod(image_shape)))
+
+
 @torch.no_grad()
 def reconstruct(vae: Autoencoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """The VAE's reconstructions decode(mean of encode(x)) of images (N, C, H, W) in [-1, 1], clamped to [-1, 1]."""
