@@ -66,7 +66,7 @@ CASES = [
     ("preprocess", ("data.image_size", 30), [], "bad value for 'data.image_size'", "data/processed"),
     ("preprocess", None, ["--raw", "missing"], "missing", "data/processed"),
     ("train_vae", ("vae.lr", "fast"), [], "bad value for 'vae.lr'", "models/vae.safetensors"),
-    ("train_vae", ("vae.epochs", 0), [], "bad value for 'vae.epochs'", "models/vae.safetensors"),
+    ("train_vae", ("vae.epochs", 0), [], "params: vae.epochs 0 needs vae.init_from", "models/vae.safetensors"),
     ("train_vae", None, ["--data", "missing"], "run the preprocess stage first", "models/vae.safetensors"),
     ("train_vae", None, ["--data", "corrupt"], "corrupt", "models/vae.safetensors"),
     ("train_vae", None, ["--data", "old"], "older single-file format (train.safetensors); re-run the preprocess stage",

@@ -30,7 +30,7 @@ from sdlib.data.latents import load_latents, write_latents  # noqa: E402
 from sdlib.data.splits import load_split  # noqa: E402
 from sdlib.finetune import digest  # noqa: E402
 from sdlib.ldm import load_ldm, save_ldm  # noqa: E402
-from sdlib.models.vae import load_vae  # noqa: E402
+from sdlib.models.vae import encode_posteriors, load_vae  # noqa: E402
 from sdlib.training.latent_diffusion import unet_training  # noqa: E402
 from stages import (  # noqa: E402
     download,
@@ -223,6 +223,26 @@ def test_the_stages_after_init_digest_see_a_change_of_the_init_files(finetuned, 
     run_stage(init_digest.app, params, "--out", tmp_path / "b")
     assert (tmp_path / "a/vae.json").read_text() == (tmp_path / "b/vae.json").read_text()
     assert (tmp_path / "a/unet.json").read_text() != (tmp_path / "b/unet.json").read_text()
+
+
+def test_a_vae_trained_here_carries_the_scale_factor_encode_latents_would_estimate(tmp_path, params_file,
+                                                                                   noise_digits):
+    """train_vae stores the estimate encode_latents made before VAE files carried one: the same value, to the bit,
+    as write_encoded estimates from the stored VAE's latents; encode_latents then writes it."""
+    data = noise_digits(tmp_path / "data", 40, 8, channels=1, size=16)
+    params = params_file(vae={"base_channels": 8, "channel_mult": [1, 2], "epochs": 1, "batch_size": 8})
+    run_stage(train_vae.app, params, "--data", data, "--out", tmp_path / "vae.safetensors", "--metrics",
+              tmp_path / "m.json", "--curve", tmp_path / "c.csv", "--checkpoint", tmp_path / "c.pt", "--device", "cpu")
+    vae = load_vae(tmp_path / "vae.safetensors")
+    stored, vae.scale_factor = vae.scale_factor, None
+    split = load_split(data, "train")
+    estimated = write_latents(tmp_path / "estimated", {"train": (*encode_posteriors(vae, split.images, 256),
+                                                                 split.labels)})["scale_factor"]
+    assert stored == estimated and 0.1 < stored < 10
+    res, _ = invoke(encode_latents.app, "--data", data, "--vae", tmp_path / "vae.safetensors", "--out",
+                    tmp_path / "latents", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert load_latents(tmp_path / "latents").scale_factor == stored
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
