@@ -39,7 +39,7 @@ def test_every_preset_is_valid_params(name):
 
 
 def test_the_presets_the_readme_names_exist():
-    assert {"openmoji", "minilm-mnist"} <= set(available(REPO))
+    assert {"openmoji", "minilm-mnist", "finetune"} <= set(available(REPO))
 
 
 def test_exp_run_args_are_yaml_values():
