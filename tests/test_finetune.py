@@ -24,13 +24,14 @@ from typer.testing import CliRunner
 diffusers = pytest.importorskip("diffusers")
 from test_pretrained import diffusers_models, write_diffusers_folder  # noqa: E402
 
-from sdlib import config  # noqa: E402
+from sdlib import config, export  # noqa: E402
 from sdlib.data.encoded_captions import load_encoded_captions  # noqa: E402
 from sdlib.data.latents import load_latents, write_latents  # noqa: E402
 from sdlib.data.splits import load_split  # noqa: E402
 from sdlib.finetune import digest  # noqa: E402
 from sdlib.ldm import load_ldm, save_ldm  # noqa: E402
 from sdlib.models.vae import encode_posteriors, load_vae  # noqa: E402
+from sdlib.pretrained.load import load_pretrained  # noqa: E402
 from sdlib.training.latent_diffusion import unet_training  # noqa: E402
 from stages import (  # noqa: E402
     download,
@@ -186,6 +187,18 @@ def test_the_unet_moved_and_the_text_encoder_did_not(finetuned):
                                                   finetuned / "pretrained/tokenizer")}
     assert (finetuned / "unet/tokenizer/vocab.json").read_bytes() == (
         finetuned / "pretrained/tokenizer/vocab.json").read_bytes()
+
+
+def test_the_fine_tuned_model_exports_as_a_diffusers_folder(finetuned, tmp_path):
+    """SD's VAE and layout: `sdlib.export` writes it, and it loads back as a pretrained checkpoint, tensor for tensor."""
+    res, _ = invoke(export.app, "--unet", finetuned / "unet", "--vae", finetuned / "vae.safetensors",
+                    "--out", tmp_path / "exported")
+    assert res.exit_code == 0, res.output
+    back = load_pretrained(tmp_path / "exported")
+    tuned, _ = load_ldm(finetuned / "unet/model.safetensors")
+    state = back.model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in tuned.state_dict().items())
+    assert back.model.diffusion.scale_factor == 0.18215 and back.vae.scale_factor == 0.18215
 
 
 def test_resume_ends_where_a_whole_run_does_and_not_across_new_init_weights(finetuned, tmp_path, monkeypatch):
