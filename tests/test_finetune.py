@@ -146,6 +146,17 @@ def test_latents_and_captions_fit_the_pretrained_model(finetuned):
         assert (finetuned / "captions/tokenizer" / f).read_bytes() == (finetuned / "pretrained/tokenizer" / f).read_bytes()
 
 
+def test_encoded_captions_are_the_same_bytes_every_run(finetuned, tmp_path):
+    """DVC hashes bytes: a re-run of encode_captions that wrote the same captions in other bytes would re-run
+    train_unet. Planted bug caught: the header's keys written in safetensors' (random) order."""
+    params = finetuned / "params.yaml"
+    for i in range(3):
+        run_stage(encode_captions.app, params, "--data", finetuned / "processed", "--out", tmp_path / f"c{i}",
+                  "--device", "cpu")
+    written = {(tmp_path / f"c{i}" / "captions.safetensors").read_bytes() for i in range(3)}
+    assert written == {(finetuned / "captions/captions.safetensors").read_bytes()}
+
+
 def test_init_digest_names_the_init_files(finetuned):
     unet = json.loads((finetuned / "init/unet.json").read_text())
     vae = json.loads((finetuned / "init/vae.json").read_text())

@@ -2,8 +2,8 @@
 (`text.pretrained`), its token states computed once, so that training never runs the frozen encoder.
 
 On disk, data/captions/: `captions.safetensors` with `ids` int64 (N, L) and, with a frozen encoder, `states`
-float32 (N, L, D); its metadata holds the N captions (index 0 is "", the unconditional prompt, then the rest
-sorted), `pretrained` and `max_length`. `tokenizer/` is the tokenizer the ids come from (CLIP's for the trained
+float32 (N, L, D); its metadata (one JSON value, so that the file's bytes are the same every run) holds the N
+captions (index 0 is "", the unconditional prompt, then the rest sorted), `pretrained` and `max_length`. `tokenizer/` is the tokenizer the ids come from (CLIP's for the trained
 encoder; a model folder's own when fine-tuning it), which train_unet copies into the model folder.
 """
 from __future__ import annotations
@@ -62,8 +62,10 @@ def write_encoded_captions(out: str | Path, captions: list[list[str]], max_lengt
             states = torch.cat([encoder(chunk.to(device)).float().cpu() for chunk in ids.split(BATCH)])  # (N, L, D)
             tensors["states"] = states
         pretrained = "" if frozen is None else frozen.name
-        save_file(tensors, str(tmp / FILE), metadata={"captions": json.dumps(unique), "pretrained": pretrained,
-                                                       "max_length": str(max_length)})
+        # one metadata key: safetensors writes several in a random order, and the file's bytes (its DVC hash, which
+        # decides whether train_unet re-runs) would change with every run
+        save_file(tensors, str(tmp / FILE), metadata={"meta": json.dumps(
+            {"captions": unique, "pretrained": pretrained, "max_length": max_length}, sort_keys=True)})
     return EncodedCaptions(unique, ids, states, pretrained, max_length)
 
 
@@ -77,7 +79,8 @@ def load_encoded_captions(folder: str | Path) -> EncodedCaptions:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        unique, pretrained, max_length = json.loads(meta["captions"]), meta["pretrained"], int(meta["max_length"])
+        meta = json.loads(meta["meta"])
+        unique, pretrained, max_length = list(meta["captions"]), str(meta["pretrained"]), int(meta["max_length"])
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise DataError(f"{path}: corrupt encoded captions ({str(e).splitlines()[0]}); re-run encode_captions") from None
     ids, states = tensors.get("ids"), tensors.get("states")
