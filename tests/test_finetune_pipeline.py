@@ -19,9 +19,9 @@ import yaml
 diffusers = pytest.importorskip("diffusers")
 from test_finetune import write_image_folder  # noqa: E402
 from test_pipeline import REPO, copy_project, run  # noqa: E402
-from test_pretrained import diffusers_models, write_diffusers_folder  # noqa: E402
+from test_pretrained import diffusers_models, randomize, write_diffusers_folder  # noqa: E402
 
-from sdlib.ldm import load_ldm, save_ldm  # noqa: E402
+from sdlib.ldm import load_ldm  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TINY = ["data.image_size=32", "data.shard_size=8", "epochs=1", "unet.samples.every=0", "unet.log_every=1",
@@ -46,16 +46,16 @@ def test_finetune_preset_runs_and_reruns_only_on_new_init_files(tmp_path):
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert metrics["n_samples"] == 6 and "vae_psnr" in metrics
     tuned, _ = load_ldm(project / "models/unet/model.safetensors")
-    pretrained, meta = load_ldm(project / "models/pretrained/model.safetensors")
+    pretrained, _ = load_ldm(project / "models/pretrained/model.safetensors")
     assert all(torch.equal(v, pretrained.text.state_dict()[k]) for k, v in tuned.text.state_dict().items())
 
-    out = run(["dvc", "repro"], project)  # init_digest runs, finds the same files: nothing after it does
+    out = run(["dvc", "repro", "dvc.yaml"], project)  # init_digest runs, finds the same files: nothing after it does
     assert ran(out) == {"init_digest"}, out.stdout
 
-    with torch.no_grad():
-        pretrained.unet.conv_in.bias.add_(0.01)
-    save_ldm(project / "models/pretrained/model.safetensors", pretrained,
-             {k: v for k, v in meta.items() if k not in pretrained.meta()})
-    out = run(["dvc", "repro"], project)
+    unet, vae, text = diffusers_models()  # new U-Net weights in the checkpoint, converted again
+    randomize(unet, seed=3)
+    unet.save_pretrained(tmp_path / "sd/unet")
+    run(["dvc", "repro", "pretrained/dvc.yaml:pretrained_convert"], project)
+    out = run(["dvc", "repro", "dvc.yaml"], project)
     assert {"init_digest", "encode_captions", "train_unet"} <= ran(out), out.stdout
     assert not {"train_vae", "encode_latents"} & ran(out), out.stdout
