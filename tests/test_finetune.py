@@ -28,6 +28,7 @@ from sdlib import config, export  # noqa: E402
 from sdlib.data.encoded_captions import load_encoded_captions  # noqa: E402
 from sdlib.data.latents import load_latents, write_latents  # noqa: E402
 from sdlib.data.splits import load_split  # noqa: E402
+from sdlib.errors import ConfigError  # noqa: E402
 from sdlib.finetune import digest  # noqa: E402
 from sdlib.ldm import load_ldm, save_ldm  # noqa: E402
 from sdlib.models.vae import encode_posteriors, load_vae  # noqa: E402
@@ -321,6 +322,17 @@ def test_bad_unet_init_is_one_line_and_writes_nothing(finetuned, tmp_path, chang
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "c.pt").exists()
     assert (digest(out) if out.exists() else None) == before
+
+
+@pytest.mark.parametrize("vae, message", [
+    ({"kind": "none", "init_from": "models/pretrained/vae.safetensors"},
+     "params: vae.init_from needs vae.kind kl (pixel space has no VAE to start from)"),
+    ({"epochs": 0}, "params: vae.epochs 0 needs vae.init_from (a VAE to write unchanged)"),
+])
+def test_vae_init_params_that_contradict_each_other(vae, message):
+    with pytest.raises(ConfigError) as err:
+        config.parse_section("vae", vae)
+    assert str(err.value) == message
 
 
 BAD_OTHERS = [

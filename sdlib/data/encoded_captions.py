@@ -3,8 +3,9 @@
 
 On disk, data/captions/: `captions.safetensors` with `ids` int64 (N, L) and, with a frozen encoder, `states`
 float32 (N, L, D); its metadata (one JSON value, so that the file's bytes are the same every run) holds the N
-captions (index 0 is "", the unconditional prompt, then the rest sorted), `pretrained` and `max_length`. `tokenizer/` is the tokenizer the ids come from (CLIP's for the trained
-encoder; a model folder's own when fine-tuning it), which train_unet copies into the model folder.
+captions (index 0 is "", the unconditional prompt, then the rest sorted), `pretrained` and `max_length`.
+`tokenizer/` is the tokenizer the ids come from (CLIP's for the trained encoder; a model folder's own when
+fine-tuning it), which train_unet copies into the model folder.
 """
 from __future__ import annotations
 
