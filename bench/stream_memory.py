@@ -87,6 +87,9 @@ def memory_mib(field: str) -> float:
 def run_case(phase: str, case: str, work: Path, size: int, shard_size: int, batches: int, batch_size: int,
              classifier_images: int) -> dict:
     """One case in this (fresh) process; returns its memory and time, and a digest of what it produced."""
+    if phase == "features":  # imported here, before `before`: only these cases need torch-fidelity (~400 MiB)
+        from sdlib.evaluation.metrics import classifier_features
+        from sdlib.evaluation.scoring import real_features
     before = memory_mib("VmRSS")
     start = time.perf_counter()
     digest = hashlib.sha256()
@@ -102,10 +105,6 @@ def run_case(phase: str, case: str, work: Path, size: int, shard_size: int, batc
         for tensor in model.state_dict().values():
             digest.update(tensor.numpy().tobytes())
     elif phase == "features":
-        # imported here: only these cases need them, and torch-fidelity's imports cost every other case seconds
-        from sdlib.evaluation.metrics import classifier_features
-        from sdlib.evaluation.scoring import real_features
-
         test = load_split(processed, "test", case)
         real = to_uint8(test.images) if case == "memory" else Rows(test.images.array)
         features = (classifier_features(real, work / "classifier.safetensors", "cpu") if case == "memory"
