@@ -22,8 +22,8 @@ from sdlib.data.splits import load_split
 from sdlib.errors import CheckpointError, ConfigError
 from sdlib.evaluation.metrics import inception_metrics
 from sdlib.evaluation.retrieval import read_retrieval_manifest
-from sdlib.evaluation.scoring import (chunks, read_manifest, real_features, score_retrieval, score_samples,
-                                      seed_sets, vae_quality)
+from sdlib.evaluation.scoring import (read_manifest, real_features, score_retrieval, score_samples, seed_sets,
+                                      vae_quality)
 from sdlib.io import write_csv, write_json
 from sdlib.models.classifier import is_trained, load_classifier, predict
 from sdlib.models.vae import load_vae
@@ -92,8 +92,8 @@ def main(
             drawn = read_pngs(retrieval_paths, test.images.shape[1], test.images.shape[-1])  # (N, C, S, S) uint8
             result.update(score_retrieval(drawn, real[torch.tensor(picked, dtype=torch.long)], space, model, dev))
         if weights is not None:
-            result["fid_inception"] = inception_metrics(gen[seed_sets(prompts, cfg.seed_sets)[0]], chunks(real),
-                                                        weights, dev)["fid"]
+            result["fid_inception"] = inception_metrics(gen[seed_sets(prompts, cfg.seed_sets)[0]], real, weights,
+                                                        dev)["fid"]
         result = {k: v if isinstance(v, int) else _round(v) for k, v in sorted(result.items())}
         result["machine"] = tracking.machine()  # the gate shows it when a baseline was made on another machine
         write_json(out, result)

@@ -147,7 +147,11 @@ def test_features_batch_by_batch_give_torch_fidelitys_metrics_to_the_bit(digits,
                 "recall": expected[torch_fidelity.KEY_METRIC_RECALL]}
     assert fidelity_metrics(gen, real, classifier_path, CPU) == expected
     pieces = real.split([7, 400, 1, 192])
-    features = classifier_features(iter(pieces), classifier_path, CPU)
+    features = classifier_features(iter(pieces), classifier_path, CPU, n=600)
+    with pytest.raises(ValueError, match="count n"):
+        classifier_features(iter(pieces), classifier_path, CPU)
+    with pytest.raises(ValueError, match="expected features of 601 images, got 600"):
+        classifier_features(iter(pieces), classifier_path, CPU, n=601)
     assert torch.equal(features, classifier_features(real, classifier_path, CPU))
     assert fidelity_from_features(classifier_features(gen, classifier_path, CPU), features) == expected
     assert [len(b) for b in rebatch(pieces, 250)] == [250, 250, 100]

@@ -72,19 +72,13 @@ def mean_and_spread(per_set: list[dict[str, float]]) -> dict[str, float]:
 
 
 FLOOR_SEED = 0  # train subsets of the FID floor: FLOOR_SEED + index; fixed, not a param
-CHUNK = 1000  # images of a split read at a time (the real set's features, reconstructions: 250 and 256 a batch)
 RECONSTRUCT_BATCH = 256  # images per batch through the VAE
-
-
-def chunks(images: torch.Tensor | Rows, size: int = CHUNK) -> Iterator[torch.Tensor]:
-    """Consecutive chunks of `size` images, split off a tensor in memory or read from the shards of `Rows`."""
-    return images.chunks(size) if isinstance(images, Rows) else iter(images.split(size))
 
 
 def real_features(real: torch.Tensor | Rows, classifier: Path, device: torch.device | str) -> torch.Tensor:
     """The classifier features (N, D) of the real uint8 images, in memory or read from their shards a chunk at a time:
     computed once, compared with every seed set, the FID floor and the reconstructions."""
-    return classifier_features(chunks(real), classifier, device)
+    return classifier_features(real, classifier, device)
 
 
 def fid_floor(train_images: torch.Tensor | Rows, real: torch.Tensor, n: int, classifier: Path,
@@ -148,16 +142,16 @@ def vae_quality(vae: Autoencoder, images: torch.Tensor | Rows, classifier: Path 
     psnr: list[torch.Tensor] = []  # (B,) each image's, filled as the reconstructions are made
 
     def reconstructions() -> Iterator[torch.Tensor]:
-        for x in chunks(images, RECONSTRUCT_BATCH):
+        for x in (images.chunks if isinstance(images, Rows) else images.split)(RECONSTRUCT_BATCH):
             recon = reconstruct(vae, x, RECONSTRUCT_BATCH)
             psnr.append(image_psnr(x, recon))
             yield to_uint8(recon)
 
-    if classifier is None:
+    if classifier is None:  # made and measured, with no feature space to embed them in
         for _ in reconstructions():
             pass
         return {"vae_psnr": float(torch.cat(psnr).mean())}
-    recon = classifier_features(reconstructions(), classifier, device)
+    recon = classifier_features(reconstructions(), classifier, device, n=len(images))
     rfid = fidelity_from_features(recon, real, prc=False, kid=False)["fid"]
     return {"vae_psnr": float(torch.cat(psnr).mean()), "vae_rfid": rfid}
 
