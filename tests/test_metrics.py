@@ -184,6 +184,17 @@ def test_inception_fid_and_kid_from_local_weights(digits, inception_weights):
     assert inception_metrics(x, x, inception_weights, CPU).keys() == {"fid"}
 
 
+def test_inception_reads_the_real_images_from_shards_alike(digits, inception_weights, tmp_path):
+    """Real images as `Rows` of uint8 shards (evaluate's test split) give the metrics of the same images in memory."""
+    from sdlib.data.shards import Rows, ShardedArray, write_sharded
+
+    x, real = to_uint8(digits[0][:4]), to_uint8(digits[0][4:9])
+    write_sharded(tmp_path, "real", real.numpy(), shard_size=2)
+    rows = Rows(ShardedArray(tmp_path, "real"))
+    assert inception_metrics(x, rows, inception_weights, CPU, kid=True) == inception_metrics(
+        x, real, inception_weights, CPU, kid=True)
+
+
 def test_inception_fid_refuses_missing_or_unsafe_weights(digits, tmp_path):
     x = to_uint8(digits[0][:2])
     with pytest.raises(CheckpointError, match="not found"):
