@@ -136,6 +136,7 @@ def test_features_batch_by_batch_give_torch_fidelitys_metrics_to_the_bit(digits,
     from sdlib.evaluation.metrics import classifier_features, fidelity_from_features, rebatch
 
     gen, real = to_uint8(digits[0][1000:1300]), to_uint8(digits[0][1300:1900])  # 600 real: 3 batches of 250
+    ours = fidelity_metrics(gen, real, classifier_path, CPU)  # registers the extractor with torch-fidelity
     expected = torch_fidelity.calculate_metrics(
         input1=_Images(gen), input2=_Images(real), fid=True, kid=True, prc=True, feature_extractor=FEATURE_EXTRACTOR,
         feature_extractor_weights_path=str(classifier_path), feature_layer_fid=PENULTIMATE,
@@ -145,13 +146,15 @@ def test_features_batch_by_batch_give_torch_fidelitys_metrics_to_the_bit(digits,
                 "kid_std": expected[torch_fidelity.KEY_METRIC_KID_STD],
                 "precision": expected[torch_fidelity.KEY_METRIC_PRECISION],
                 "recall": expected[torch_fidelity.KEY_METRIC_RECALL]}
-    assert fidelity_metrics(gen, real, classifier_path, CPU) == expected
+    assert ours == expected
     pieces = real.split([7, 400, 1, 192])
     features = classifier_features(iter(pieces), classifier_path, CPU, n=600)
     with pytest.raises(ValueError, match="count n"):
         classifier_features(iter(pieces), classifier_path, CPU)
     with pytest.raises(ValueError, match="expected features of 601 images, got 600"):
         classifier_features(iter(pieces), classifier_path, CPU, n=601)
+    with pytest.raises(ValueError, match="expected features of 599 images, got more"):
+        classifier_features(iter(pieces), classifier_path, CPU, n=599)
     assert torch.equal(features, classifier_features(real, classifier_path, CPU))
     assert fidelity_from_features(classifier_features(gen, classifier_path, CPU), features) == expected
     assert [len(b) for b in rebatch(pieces, 250)] == [250, 250, 100]

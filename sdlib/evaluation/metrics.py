@@ -151,11 +151,15 @@ def extract_features(images: UInt8Images, extractor: str, layer: str, device: to
             if cuda:
                 batch = batch.pin_memory().cuda(non_blocking=True)
             features = model(batch)[0].cpu()  # (B, D)
+            if done + len(features) > n:
+                raise ValueError(f"expected features of {n} images, got more")
             if out is None:
                 out = torch.empty((n, *features.shape[1:]), dtype=features.dtype)
             out[done:done + len(features)] = features
             done += len(features)
-    if out is None or done != n:
+    if out is None:
+        raise ValueError("no images to extract features of")
+    if done != n:
         raise ValueError(f"expected features of {n} images, got {done}")
     return out
 
