@@ -36,12 +36,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sdlib import config
 from sdlib.cli import user_errors
-from sdlib.data.images import from_uint8, to_uint8
+from sdlib.data.images import from_uint8
 from sdlib.data.latents import load_latents
 from sdlib.data.splits import load_split
 from sdlib.errors import ConfigError
-from sdlib.evaluation.metrics import fidelity_metrics
-from sdlib.evaluation.scoring import score_samples, seed_sets
+from sdlib.data.shards import Rows
+from sdlib.evaluation.metrics import classifier_features, fidelity_from_features
+from sdlib.evaluation.scoring import real_features, score_samples, seed_sets
 from sdlib.generate import Prompts
 from sdlib.models.classifier import load_classifier, predict
 from sdlib.data.encoded_captions import write_encoded_captions
@@ -110,9 +111,10 @@ class Evaluator:
         self.vae = load_vae(workspace / "models/vae.safetensors", device)
         self.classifier_path = workspace / "models/classifier.safetensors"
         self.classifier, self.classes = load_classifier(self.classifier_path, device)
-        test, train = load_split(workspace / "data/processed", "test"), load_split(workspace / "data/processed", "train")
-        self.real, self.train_images = to_uint8(test.images), train.images
-        self.meta = {"classes": train.classes, "digits": train.digits}
+        test = load_split(workspace / "data/processed", "test", "stream")
+        self.train_images = load_split(workspace / "data/processed", "train", "stream").images
+        self.real = real_features(Rows(test.images.array), self.classifier_path, device)  # of the uint8 test images
+        self.meta = {"classes": test.classes, "digits": test.digits}  # meta.json's, the same for either split
 
     def draw(self, model, jobs) -> torch.Tensor:
         """uint8 images (N, C, H, W) of `jobs`, drawn as the sample stage draws them."""
@@ -138,7 +140,7 @@ class Evaluator:
                                       classes=self.classes, classifier=self.classifier_path, n_sets=self.n_sets,
                                       device=self.device)
             return {k: v for k, v in result.items() if not k.startswith("cond_acc_per_class")}
-        m = fidelity_metrics(gen, self.real, self.classifier_path, self.device)
+        m = fidelity_from_features(classifier_features(gen, self.classifier_path, self.device), self.real)
         m.pop("kid_std")
         m["cond_acc"] = (pred == labels)[labels >= 0].float().mean().item()
         return m | {"n_samples": len(gen), "n_seed_sets": 1}

@@ -1,4 +1,5 @@
-"""Peak memory of data larger than memory: preprocessing into shards, and training batches read from them.
+"""Peak memory of data larger than memory: preprocessing into shards, training batches read from them, and the
+stages that read whole splits (the classifier, evaluation's real features, visualize's one image).
 
 Fabricates a raw data set (default 100,000 random 32x32 RGB images with captions, as the download stage writes
 data/raw) in a temporary folder, then measures each case in a fresh process by its peak resident set (VmHWM: what the
@@ -11,13 +12,20 @@ kernel counts, the file pages a process maps included):
   read from the shards by `pread` (`load_split(..., "stream")`); `memory`: the same batches gathered from the split
   loaded as one float32 tensor (`load_split(..., "memory")`); `mmap`: from the shards memory-mapped with numpy, for
   comparison (the pages a map touches stay resident, so its peak grows with the epochs and the data's size)
+- classifier `memory`: `train_classifier` for one epoch on the first `--classifier-images` training images (the
+  rest unlabelled, as the stage leaves them out), from the split loaded as one float32 tensor, as train_classifier's
+  `data.loading: memory`; `stream`: each batch read from the shards (`stream`). Checked: the same weights to the bit
+- features `memory`: the classifier features of the test split (a fixed random classifier), from the split loaded as
+  one tensor and converted to uint8, as evaluate held it before; `stream`: read from the shards a chunk at a time
+  (`sdlib.evaluation.scoring.real_features`, what evaluate does now). Checked: the same features
+- image `memory`: test image 0 of the split loaded as one tensor, as visualize read it before; `stream`: read alone
 
 One JSON line per case, with `peak_mib`, `before_mib` (the process after imports), `net_mib` = peak - before, and
-`ratio` = the case's net over the `memory` case's net of the same phase. Every batch of the stream and mmap cases is
-checked equal to the memory case's.
+`ratio` = the case's net over the `memory` case's net of the same phase. What each case produced (shards, batches,
+weights, features, image) is checked equal to the memory case's.
 
     python bench/stream_memory.py                        # ~1 GB of disk, about 3 minutes on 2 cores
-    python bench/stream_memory.py --images 2000 --batches 20   # a quick check
+    python bench/stream_memory.py --images 2000 --batches 20 --classifier-images 500   # a quick check
 """
 from __future__ import annotations
 
@@ -37,15 +45,19 @@ from PIL import Image
 
 from sdlib.data.preprocess import preprocess, preprocess_to
 from sdlib.data.images import from_uint8
-from sdlib.data.shards import ShardedArray
+from sdlib.data.images import to_uint8
+from sdlib.data.shards import Rows, ShardedArray
 from sdlib.data.sources import RawData, read_raw, write_raw
 from sdlib.data.splits import load_split, write_processed
+from sdlib.models.classifier import Classifier, ClassifierArgs, save_classifier, train_classifier
 from sdlib.training.loop import Batches
 
 app = typer.Typer(add_completion=False)
 MIB = 2**20
 CASES = [("preprocess", "memory"), ("preprocess", "stream"), ("batches", "memory"), ("batches", "stream"),
-         ("batches", "mmap")]
+         ("batches", "mmap"), ("classifier", "memory"), ("classifier", "stream"), ("features", "memory"),
+         ("features", "stream"), ("image", "memory"), ("image", "stream")]
+CLASSES = 10  # the fabricated labels of the classifier cases: image i is class i % 10
 
 
 class FabricatedImages(Sequence):
@@ -72,13 +84,36 @@ def memory_mib(field: str) -> float:
     raise KeyError(field)
 
 
-def run_case(phase: str, case: str, work: Path, size: int, shard_size: int, batches: int, batch_size: int) -> dict:
+def run_case(phase: str, case: str, work: Path, size: int, shard_size: int, batches: int, batch_size: int,
+             classifier_images: int) -> dict:
     """One case in this (fresh) process; returns its memory and time, and a digest of what it produced."""
+    if phase == "features":  # imported here, before `before`: only these cases need torch-fidelity (~400 MiB)
+        from sdlib.evaluation.metrics import classifier_features
+        from sdlib.evaluation.scoring import real_features
     before = memory_mib("VmRSS")
     start = time.perf_counter()
     digest = hashlib.sha256()
     kw = {"image_size": size, "channels": 3, "test_fraction": 0.1, "seed": 0}
-    if phase == "preprocess":
+    processed = work / "processed-stream"
+    if phase == "classifier":
+        split = load_split(processed, "train", case)
+        labels = torch.where(torch.arange(len(split)) < classifier_images, torch.arange(len(split)) % CLASSES, -1)
+        torch.manual_seed(0)
+        model = Classifier(ClassifierArgs(in_channels=3, image_size=size, num_classes=CLASSES))
+        train_classifier(model, split.images, labels, torch.Generator().manual_seed(0), torch.device("cpu"), epochs=1,
+                         batch_size=batch_size, lr=3e-3, progress=False)
+        for tensor in model.state_dict().values():
+            digest.update(tensor.numpy().tobytes())
+    elif phase == "features":
+        test = load_split(processed, "test", case)
+        real = to_uint8(test.images) if case == "memory" else Rows(test.images.array)
+        features = (classifier_features(real, work / "classifier.safetensors", "cpu") if case == "memory"
+                    else real_features(real, work / "classifier.safetensors", "cpu"))
+        digest.update(features.numpy().tobytes())
+    elif phase == "image":
+        images = load_split(processed, "test", case).images
+        digest.update((images[0] if case == "memory" else images.read(0, 1)[0]).numpy().tobytes())
+    elif phase == "preprocess":
         out = work / f"processed-{case}"
         if case == "stream":
             meta = preprocess_to(out, read_raw(work / "raw"), **kw, shard_size=shard_size)
@@ -87,7 +122,6 @@ def run_case(phase: str, case: str, work: Path, size: int, shard_size: int, batc
             meta = write_processed(out, train, test, meta, shard_size=shard_size)
         digest.update(json.dumps(meta["sha256"], sort_keys=True).encode())
     else:
-        processed = work / "processed-stream"
         if case == "mmap":
             array = ShardedArray(processed, "train-images")
             maps = [np.load(f, mmap_mode="r") for f in array.files]
@@ -117,7 +151,9 @@ def main(
     size: Annotated[int, typer.Option(help="their side, in pixels (RGB)")] = 32,
     shard_size: Annotated[int, typer.Option(help="images per shard")] = 4096,
     batches: Annotated[int, typer.Option(help="training batches read per batches case")] = 300,
-    batch_size: Annotated[int, typer.Option(help="images per batch")] = 128,
+    batch_size: Annotated[int, typer.Option(help="images per batch (of the classifier too)")] = 128,
+    classifier_images: Annotated[int, typer.Option(
+        help="training images the classifier cases train on for one epoch (the rest unlabelled)")] = 2000,
     dir: Annotated[Optional[Path], typer.Option(help="where to fabricate (default: a temporary folder, removed at "
                                                      "the end)")] = None,
     case: Annotated[Optional[str], typer.Option(hidden=True, help="phase:case to measure in this process")] = None,
@@ -126,19 +162,24 @@ def main(
     """Fabricate a data set of IMAGES random images and print the peak memory of each case, one JSON line each."""
     if case is not None:
         phase, name = case.split(":")
-        print(json.dumps(run_case(phase, name, work, size, shard_size, batches, batch_size)))
+        print(json.dumps(run_case(phase, name, work, size, shard_size, batches, batch_size, classifier_images)))
         return
     with tempfile.TemporaryDirectory(dir=dir) as tmp:
         work = Path(tmp)
         print(f"fabricating {images} images of {size}x{size} RGB in {work}", file=sys.stderr)
         write_raw(RawData("folder", FabricatedImages(images, size), [-1] * images,
                           [[f"random picture {i}"] for i in range(images)], [], False), work / "raw")
+        torch.manual_seed(0)  # a fixed random classifier: the feature space of the features cases
+        save_classifier(work / "classifier.safetensors",
+                        Classifier(ClassifierArgs(in_channels=3, image_size=size, num_classes=CLASSES)).eval(),
+                        [str(k) for k in range(CLASSES)])
         results: dict[tuple[str, str], dict] = {}
         for phase, name in CASES:
             print(f"{phase}: {name}", file=sys.stderr)
             out = subprocess.run([sys.executable, __file__, "--case", f"{phase}:{name}", "--work", str(work),
                                   "--size", str(size), "--shard-size", str(shard_size), "--batches", str(batches),
-                                  "--batch-size", str(batch_size)], capture_output=True, text=True)
+                                  "--batch-size", str(batch_size), "--classifier-images", str(classifier_images)],
+                                 capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{phase} {name} failed:\n{out.stderr[-3000:]}")
             result = json.loads(out.stdout.splitlines()[-1])
@@ -149,6 +190,8 @@ def main(
                        round(images * 3 * size * size * 4 / MIB, 1), "ratio": round(result["net_mib"] / base["net_mib"], 3)}
             if phase == "batches":
                 result |= {"batches": batches, "batch_size": batch_size}
+            if phase == "classifier":
+                result |= {"classifier_images": classifier_images, "batch_size": batch_size}
             results[phase, name] = result
             print(json.dumps(result), flush=True)
 

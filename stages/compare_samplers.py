@@ -24,8 +24,9 @@ from sdlib.data.images import from_uint8, to_uint8
 from sdlib.data.splits import load_split
 from sdlib.errors import CheckpointError
 from sdlib.evaluation.compare import fid_vs_steps_figure, planned_runs
-from sdlib.evaluation.metrics import fidelity_metrics
-from sdlib.evaluation.scoring import fid_floor
+from sdlib.data.shards import Rows
+from sdlib.evaluation.metrics import classifier_features, fidelity_from_features
+from sdlib.evaluation.scoring import fid_floor, real_features
 from sdlib.generate import Prompts, generate, image_seed
 from sdlib.io import atomic_path, fingerprint, write_csv, write_json
 from sdlib.ldm import load_ldm
@@ -67,7 +68,7 @@ def main(
         model, meta = load_ldm(unet / "model.safetensors", dev)
         autoencoder = load_vae(vae, dev)
         judge, classes = load_classifier(classifier, dev)
-        test, train = load_split(data, "test"), load_split(data, "train")
+        test, train = load_split(data, "test", "stream"), load_split(data, "train", "stream")  # read as needed
         if classes != test.classes:
             raise CheckpointError(f"{classifier}: trained on other data than {data} (re-run train_classifier)")
         prompts = Prompts(unet / "tokenizer", model)
@@ -76,7 +77,7 @@ def main(
                 for k, p in enumerate(prompt_list) for i in range(cfg.n_per_prompt)]
         labels = torch.tensor([-1 if lbl is None else lbl for _, lbl, _ in jobs])
         labelled = labels >= 0
-        real = to_uint8(test.images)
+        real = real_features(Rows(test.images.array), classifier, dev)  # of the uint8 test images, once
         floor = fid_floor(train.images, real, len(jobs), classifier, dev)
 
         # runs finished by an earlier, interrupted invocation with the same params and models are not redone
@@ -96,7 +97,8 @@ def main(
                                            sampler=name, steps=steps, guidance=cfg.guidance).cpu())
                 seconds = time.perf_counter() - start
                 gen = to_uint8(torch.cat(images))  # (N, C, H, W)
-                fid = fidelity_metrics(gen, real, classifier, dev, prc=False, kid=False)["fid"]
+                features = classifier_features(gen, classifier, dev)
+                fid = fidelity_from_features(features, real, prc=False, kid=False)["fid"]
                 pred = predict(judge, from_uint8(gen), dev)
                 acc = (pred[labelled] == labels[labelled]).float().mean().item() if labelled.any() else float("nan")
                 rows.append({"sampler": name, "steps": steps, "recommended": recommended, "guidance": cfg.guidance,

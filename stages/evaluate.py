@@ -2,6 +2,8 @@
 real-vs-real FID floor, how often the classifier sees the prompted class, and the VAE's reconstruction PSNR and rFID;
 with `evaluate.retrieval`, caption retrieval of the sample stage's retrieval set. Data without classes has no
 classifier (train_classifier's placeholder): then only retrieval (in pixels) and the VAE's PSNR are measured.
+The test and train splits are read from their shards a chunk at a time (the real set's features are computed once),
+so memory holds the samples and the features, not the data set.
 Writes reports/metrics.json and reports/confusion.csv; the report stage logs the pipeline run's comparison row."""
 from __future__ import annotations
 
@@ -9,16 +11,19 @@ from pathlib import Path
 from typing import Annotated
 
 import pandas as pd
+import torch
 import typer
 
 from sdlib import config, tracking
 from sdlib.cli import check_outputs, pick_device, user_errors, wrote
-from sdlib.data.images import from_uint8, read_pngs, to_uint8
+from sdlib.data.images import from_uint8, read_pngs
+from sdlib.data.shards import Rows
 from sdlib.data.splits import load_split
 from sdlib.errors import CheckpointError, ConfigError
 from sdlib.evaluation.metrics import inception_metrics
 from sdlib.evaluation.retrieval import read_retrieval_manifest
-from sdlib.evaluation.scoring import read_manifest, score_retrieval, score_samples, seed_sets, vae_quality
+from sdlib.evaluation.scoring import (read_manifest, real_features, score_retrieval, score_samples, seed_sets,
+                                      vae_quality)
 from sdlib.io import write_csv, write_json
 from sdlib.models.classifier import is_trained, load_classifier, predict
 from sdlib.models.vae import load_vae
@@ -54,7 +59,7 @@ def main(
         dev = pick_device(device)
         model, classes = load_classifier(classifier, dev) if is_trained(classifier) else (None, None)
         autoencoder = load_vae(vae, dev)
-        test, train = load_split(data, "test"), load_split(data, "train")
+        test, train = load_split(data, "test", "stream"), load_split(data, "train", "stream")
         if model is None and len(test.classes) >= 2:
             raise CheckpointError(f"{classifier}: the placeholder of data without classes, but {data} has "
                                   f"{len(test.classes)} classes (re-run train_classifier)")
@@ -74,17 +79,18 @@ def main(
                                                               cfg.retrieval)
         prompts, paths, labels = read_manifest(samples / "manifest.csv", len(classes))
         gen = read_pngs(paths, test.images.shape[1], test.images.shape[-1])  # (N, C, S, S) uint8
-        real = to_uint8(test.images)
+        real = Rows(test.images.array)  # the test images as uint8, as the shards hold them
+        features = real_features(real, classifier, dev) if model is not None else None
         if model is not None:
             pred = predict(model, from_uint8(gen), dev)
-            result, rows = score_samples(gen, prompts, labels, pred, real=real, train_images=train.images,
+            result, rows = score_samples(gen, prompts, labels, pred, real=features, train_images=train.images,
                                          classes=classes, classifier=classifier, n_sets=cfg.seed_sets, device=dev)
         else:  # nothing to judge the samples by, nor a feature space learnt from the data
             result, rows = {"n_samples": len(gen)}, pd.DataFrame(columns=["actual", "predicted"])
-        result.update(vae_quality(autoencoder, test.images, classifier if model else None, dev))
+        result.update(vae_quality(autoencoder, test.images, classifier if model else None, dev, real=features))
         if cfg.retrieval:
             drawn = read_pngs(retrieval_paths, test.images.shape[1], test.images.shape[-1])  # (N, C, S, S) uint8
-            result.update(score_retrieval(drawn, real[picked], space, model, dev))
+            result.update(score_retrieval(drawn, real[torch.tensor(picked, dtype=torch.long)], space, model, dev))
         if weights is not None:
             result["fid_inception"] = inception_metrics(gen[seed_sets(prompts, cfg.seed_sets)[0]], real, weights,
                                                         dev)["fid"]

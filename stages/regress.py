@@ -14,7 +14,8 @@ import typer
 
 from sdlib.cli import user_errors
 from sdlib.errors import DataError
-from sdlib.evaluation.regress import K_STD, RULES, describe_machine, read_baseline, read_committed, regressions
+from sdlib.evaluation.regress import (K_STD, RULES, comparable, describe_machine, read_baseline, read_committed,
+                                      regressions)
 
 app = typer.Typer(add_completion=False)
 SPREAD = "reports/training_spread.json"
@@ -46,14 +47,21 @@ def main(
               f"sqrt(2) x the std over {n} training runs ({', '.join(runs['runs'])}; {SPREAD})")
     else:
         print(f"tolerance: the largest of the floor and {K_STD:g} x the baseline's std over seed sets (no {SPREAD})")
-    print(f"{'metric':<10} {'baseline':>10} {'current':>10} {'worse by':>10} {'tolerance':>10}  verdict")
+    if any(RULES[r["metric"]].trials for r in rows):
+        print(f"  retrieval: or {K_STD:g} x sqrt(2) x its binomial standard error sqrt(p(1-p)/N), p pooled over both")
+    width = max([10, *(len(r["metric"]) for r in rows)])
+    print(f"{'metric':<{width}} {'baseline':>10} {'current':>10} {'worse by':>10} {'tolerance':>10}  verdict")
     for r in rows:
         verdict = "REGRESSED" if r["regressed"] else "ok"
-        print(f"{r['metric']:<10} {r['baseline']:>10.4g} {r['current']:>10.4g} {r['worse_by']:>10.4g} "
+        print(f"{r['metric']:<{width}} {r['baseline']:>10.4g} {r['current']:>10.4g} {r['worse_by']:>10.4g} "
               f"{r['tolerance']:>10.4g}  {verdict}")
     one_sided = [name for name in RULES if (name in now) != (name in base)]  # e.g. vae_psnr: pixel space has none
     if one_sided:
         print(f"not compared (in one file only): {', '.join(one_sided)}")
+    unlike = [f"{name} ({', '.join(k for k in rule.same if now.get(k) != base.get(k))} differ)"
+              for name, rule in RULES.items() if name in now and name in base and not comparable(rule, now, base)]
+    if unlike:
+        print(f"not compared (measured differently): {', '.join(unlike)}")
     if any(r["regressed"] for r in rows):
         raise typer.Exit(1)
 

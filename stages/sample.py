@@ -132,7 +132,7 @@ def main(
         if retrieval is not None:  # the test captions, checked before the model is read
             n = config.parse_section("evaluate", config.read_params(params or Path("params.yaml")).get("evaluate")
                                      ).retrieval
-            test = load_split(data or Path("data/processed"), "test")
+            test = load_split(data or Path("data/processed"), "test", "stream")  # the picked images alone are read
             picked = pick_captions(test.captions, n)
         # SD v1's VAE is RGB: with the size asked, a wrong init image fails before the checkpoint is read
         early = pretrained is not None and init_image is not None and height is not None and width is not None
@@ -158,7 +158,7 @@ def main(
             if retrieval is not None:
                 with atomic_dir(retrieval) as tmp_retrieval:
                     write_retrieval(tmp_retrieval, retrieval, model, autoencoder, prompts, cfg, picked,
-                                    [test.captions[i][0] for i in picked], to_uint8(test.images[picked]), hw=hw)
+                                    [test.captions[i][0] for i in picked], to_uint8(test.images[torch.tensor(picked, dtype=torch.long)]), hw=hw)
         if grid_copy is not None:
             with atomic_path(grid_copy) as tmp_grid:
                 shutil.copyfile(out / "grid.png", tmp_grid)

@@ -39,7 +39,7 @@ def main(
         model, _ = load_ldm(unet / "model.safetensors", dev)
         autoencoder = load_vae(vae, dev)
         prompts = Prompts(unet / "tokenizer", model)
-        image = load_split(data, "test").images[0].to(dev)
+        image = load_split(data, "test", "stream").images.read(0, 1)[0].to(dev)  # the one image read
         kw = {"seed": cfg.seed, "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance}
         with tracking.stage_run("visualize", {f"sample.{k}": v for k, v in kw.items()}), atomic_dir(out) as tmp:
             forward_figure(tmp / "forward.png", model, autoencoder, image, seed=cfg.seed)

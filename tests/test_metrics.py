@@ -114,6 +114,53 @@ def test_fidelity_metrics_checks_its_inputs(digits, classifier_path, tmp_path):
     assert [kid_subset_size(n) for n in (2, 3, 500, 5000)] == [2, 2, 250, 1000]
 
 
+class _Images(torch.utils.data.Dataset):
+    """uint8 images served one by one as torch-fidelity's own inputs serve them: (3, H, W) each."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i].repeat(3, 1, 1)
+
+
+def test_features_batch_by_batch_give_torch_fidelitys_metrics_to_the_bit(digits, classifier_path):
+    """The features extracted here, a batch at a time, are those torch-fidelity's calculate_metrics extracts from a
+    data set in memory: every metric comes out equal to the bit, also when the real images come as chunks of other
+    sizes than the batches (as they are read from shards) and the real features are reused."""
+    import torch_fidelity
+
+    from sdlib.evaluation.metrics import classifier_features, fidelity_from_features, rebatch
+
+    gen, real = to_uint8(digits[0][1000:1300]), to_uint8(digits[0][1300:1900])  # 600 real: 3 batches of 250
+    ours = fidelity_metrics(gen, real, classifier_path, CPU)  # registers the extractor with torch-fidelity
+    expected = torch_fidelity.calculate_metrics(
+        input1=_Images(gen), input2=_Images(real), fid=True, kid=True, prc=True, feature_extractor=FEATURE_EXTRACTOR,
+        feature_extractor_weights_path=str(classifier_path), feature_layer_fid=PENULTIMATE,
+        feature_layer_kid=PENULTIMATE, feature_layer_prc=PENULTIMATE, kid_subset_size=kid_subset_size(300),
+        prc_neighborhood=3, cuda=False, batch_size=250, cache=False, verbose=False, save_cpu_ram=True)
+    expected = {"fid": expected[torch_fidelity.KEY_METRIC_FID], "kid": expected[torch_fidelity.KEY_METRIC_KID_MEAN],
+                "kid_std": expected[torch_fidelity.KEY_METRIC_KID_STD],
+                "precision": expected[torch_fidelity.KEY_METRIC_PRECISION],
+                "recall": expected[torch_fidelity.KEY_METRIC_RECALL]}
+    assert ours == expected
+    pieces = real.split([7, 400, 1, 192])
+    features = classifier_features(iter(pieces), classifier_path, CPU, n=600)
+    with pytest.raises(ValueError, match="count n"):
+        classifier_features(iter(pieces), classifier_path, CPU)
+    with pytest.raises(ValueError, match="expected features of 601 images, got 600"):
+        classifier_features(iter(pieces), classifier_path, CPU, n=601)
+    with pytest.raises(ValueError, match="expected features of 599 images, got more"):
+        classifier_features(iter(pieces), classifier_path, CPU, n=599)
+    assert torch.equal(features, classifier_features(real, classifier_path, CPU))
+    assert fidelity_from_features(classifier_features(gen, classifier_path, CPU), features) == expected
+    assert [len(b) for b in rebatch(pieces, 250)] == [250, 250, 100]
+    assert torch.equal(torch.cat(list(rebatch(pieces, 250))), real)
+
+
 def test_conditional_accuracy_pinned():
     target = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
     pred = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2, 0])
@@ -138,6 +185,17 @@ def test_inception_fid_and_kid_from_local_weights(digits, inception_weights):
     assert abs(same["fid"]) <= self_fid_tol(features) and dark["fid"] > 1.0
     assert abs(same["kid"]) < 1e-3 < dark["kid"] and same.keys() == dark.keys() == {"fid", "kid", "kid_std"}
     assert inception_metrics(x, x, inception_weights, CPU).keys() == {"fid"}
+
+
+def test_inception_reads_the_real_images_from_shards_alike(digits, inception_weights, tmp_path):
+    """Real images as `Rows` of uint8 shards (evaluate's test split) give the metrics of the same images in memory."""
+    from sdlib.data.shards import Rows, ShardedArray, write_sharded
+
+    x, real = to_uint8(digits[0][:4]), to_uint8(digits[0][4:9])
+    write_sharded(tmp_path, "real", real.numpy(), shard_size=2)
+    rows = Rows(ShardedArray(tmp_path, "real"))
+    assert inception_metrics(x, rows, inception_weights, CPU, kid=True) == inception_metrics(
+        x, real, inception_weights, CPU, kid=True)
 
 
 def test_inception_fid_refuses_missing_or_unsafe_weights(digits, tmp_path):

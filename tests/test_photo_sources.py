@@ -151,13 +151,13 @@ COCO_ORDER = [(2, ["Two dogs play."]), (5, ["A cat on a mat.", "a cat sitting on
               (1, ["A red bus.", "A bus on a street."])]  # by id within a split, train first
 
 
-def write_coco(root: Path, splits: tuple[str, ...] = ("train2017", "val2017")) -> Path:
+def write_coco(root: Path, splits: tuple[str, ...] = ("train2017", "val2017"), coco: dict = COCO) -> Path:
     """COCO's layout: <root>/train2017/000000000005.jpg ..., <root>/annotations/captions_train2017.json."""
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     ann_id = 100
     for split in splits:
         images, annotations = [], []
-        for k, captions in COCO[split].items():
+        for k, captions in coco[split].items():
             file = f"{k:012d}.jpg"
             write_jpg(root / split / file, 30 + k, 24, (20 * k, 50, 90))
             images.append({"id": k, "file_name": file, "width": 30 + k, "height": 24, "license": 1})
@@ -209,6 +209,39 @@ def test_coco_train_only_and_limit(tmp_path) -> None:
     one = [captions(1, seed) for seed in range(8)]
     assert all(len(c) == 1 for c in one) and {str(c) for c in one} == {str([c]) for _, c in COCO_ORDER[:2]}
     assert captions(1, 3) == captions(1, 3)
+
+
+def test_coco_photos_are_read_one_at_a_time_as_they_are_written(tmp_path, monkeypatch) -> None:
+    """Fetching reads no photo; write_raw reads each of 12 once, while at most two photos read before are still alive
+    (the one being written, and one in Python's iterator machinery), and writes the pixels torchvision's CocoCaptions
+    reads (RGB): memory holds a photo or two, whatever COCO's size."""
+    import gc
+    import weakref
+
+    from torchvision.datasets import CocoCaptions
+
+    from sdlib.data.sources import write_raw
+
+    root = write_coco(tmp_path / "coco", ("train2017",), {"train2017": {k: [f"photo {k}"] for k in range(1, 13)}})
+    read, alive_at_read = [], []
+    load = CocoCaptions._load_image
+
+    def counting(self, image_id):
+        gc.collect()
+        alive_at_read.append(sum(ref() is not None for ref in read))
+        image = load(self, image_id)
+        read.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(CocoCaptions, "_load_image", counting)
+    raw = fetch_source("coco", root=root, download=False, limit=0, seed=0, image_size=32)
+    assert len(raw.images) == 12 and read == []
+    write_raw(raw, tmp_path / "raw")
+    assert len(read) == 12 and max(alive_at_read) <= 2, alive_at_read
+    for k in range(1, 13):
+        with Image.open(root / "train2017" / f"{k:012d}.jpg") as photo, \
+                Image.open(tmp_path / "raw" / "images" / f"{k - 1:05d}.png") as png:
+            assert png.mode == "RGB" and np.array_equal(np.asarray(png), np.asarray(photo.convert("RGB")))
 
 
 def test_coco_missing_or_broken_files(tmp_path, params_file) -> None:

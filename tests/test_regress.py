@@ -1,5 +1,6 @@
 """The metric regression gate fails on a planted regression and passes on noise-level changes."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,52 @@ def test_a_one_epoch_model_is_a_regression():
     one_epoch = {"fid": 50.371, "fid_std": 0.80346, "kid": 1.2006, "cond_acc": 0.1, "precision": 0.34467,
                  "recall": 0.029333, "vae_psnr": 28.472, "vae_rfid": 0.60726}
     assert regressed(one_epoch) == ["fid", "kid", "cond_acc", "precision", "recall"]
+
+
+# an OpenMoji preset's retrieval (README): top-1 0.050 and top-5 0.173 over 300 test captions
+RETRIEVAL = {"retrieval_top1": 0.05, "retrieval_top5": 0.17333, "retrieval_n": 300, "retrieval_space": "classifier"}
+
+
+def test_retrieval_tolerance_is_the_binomial_spread_of_two_runs():
+    """A top-k hit rate over N queries: the band is 3 x sqrt(2) x sqrt(p(1-p)/N), p pooled over both files."""
+    from sdlib.evaluation.regress import RULES, tolerance
+
+    base = {**BASE, **RETRIEVAL}
+    p = (0.17333 + 0.1) / 2
+    assert tolerance(RULES["retrieval_top5"], "retrieval_top5", base, current={"retrieval_top5": 0.1}) == \
+        pytest.approx(3 * math.sqrt(2 * p * (1 - p) / 300))
+    assert regressed({**base, "retrieval_top5": 0.1}, base) == []  # 22 fewer of 300 found: noise (band 0.084)
+    assert regressed({**base, "retrieval_top5": 0.08}, base) == ["retrieval_top5"]  # 28 fewer: band 0.081
+    assert regressed({**base, "retrieval_top1": 0.02}, base) == []  # 9 fewer of 15 found: band 0.045
+    assert regressed({**base, "retrieval_top1": 0.0}, base) == ["retrieval_top1"]  # none found: band 0.038
+    assert regressed({**base, "retrieval_top1": 0.3, "retrieval_top5": 0.6}, base) == []  # better
+    fewer = {**base, "retrieval_n": 30}  # ten times fewer queries: a band sqrt(10) times wider
+    assert regressed({**fewer, "retrieval_top5": 0.08}, fewer) == []
+
+
+def test_retrieval_is_skipped_unless_both_files_measured_it_alike():
+    base = {**BASE, **RETRIEVAL}
+    none_found = {"retrieval_top1": 0.0, "retrieval_top5": 0.0}
+    assert regressed({**BASE, **none_found}, BASE) == []  # the baseline has none (the digits): nothing to compare
+    assert regressed(BASE, base) == []  # the current run has none
+    for key, other in (("retrieval_space", "pixels"), ("retrieval_n", 100)):
+        rows = regressions({**base, **none_found, key: other}, base)
+        assert not any(r["metric"].startswith("retrieval") for r in rows), key  # another gallery: another chance
+
+
+def test_cli_names_the_retrieval_metrics_it_could_not_compare(tmp_path):
+    base, cur = tmp_path / "base.json", tmp_path / "cur.json"
+    cmd = [sys.executable, "-m", "stages.regress", "--baseline", str(base), "--current", str(cur)]
+    base.write_text(json.dumps({**BASE, **RETRIEVAL}))
+    cur.write_text(json.dumps({**BASE, **RETRIEVAL, "retrieval_top1": 0.0}))
+    failed = subprocess.run(cmd, capture_output=True, text=True)
+    assert failed.returncode == 1 and "retrieval_top1" in failed.stdout and "binomial" in failed.stdout
+    cur.write_text(json.dumps(BASE))
+    alone = subprocess.run(cmd, capture_output=True, text=True)
+    assert alone.returncode == 0 and "not compared (in one file only): retrieval_top1, retrieval_top5" in alone.stdout
+    cur.write_text(json.dumps({**BASE, **RETRIEVAL, "retrieval_top1": 0.0, "retrieval_space": "pixels"}))
+    unlike = subprocess.run(cmd, capture_output=True, text=True)
+    assert unlike.returncode == 0 and "retrieval_top1 (retrieval_space differ)" in unlike.stdout
 
 
 def test_cli_exit_codes(tmp_path):

@@ -17,7 +17,9 @@ Sources (params `data.source`):
   ignored; a file listed on several rows gets every caption on them.
 - `openmoji`: about 3,900 colour emoji (OpenMoji's, CC BY-SA 4.0) drawn at `data.image_size` (see
   sdlib.data.openmoji); captions: the name, the name with the subgroup, the group; the class: Unicode's group.
-`data.limit` > 0 keeps a seeded random subset of that many images, in source order.
+`data.limit` > 0 keeps a seeded random subset of that many images, in source order. COCO's photos and a folder's
+images are read one at a time as `write_raw` writes them (`LazyImages`, `ImageFiles`), so that a source larger than
+memory reaches data/raw (and `preprocess` its shards) in bounded memory.
 
 On disk, data/raw/: `images/00000.png, ...` at source size (mode L or RGB); `meta.csv` with columns `file,label,caption`,
   one row per caption (label -1 without a class, caption empty for class datasets); `classes.json`
@@ -31,7 +33,7 @@ import json
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, get_args
+from typing import Callable, Sequence, get_args
 
 import numpy as np
 import pandas as pd
@@ -216,8 +218,7 @@ def _fetch_coco(root: Path, download: bool, limit: int, seed: int) -> RawData:
     if missing:  # checked up front: reading tens of thousands of photos takes a while
         raise DataError(f"data.root={root}: {len(missing)} of the {len(keep)} COCO images to read are missing, "
                         f"e.g. {missing[0]}")
-    images = [_item(*items[k][:2], items[k][2])[0]
-              for k in tqdm(keep, desc="read images", unit="img", disable=None)]
+    images = LazyImages([int(k) for k in keep], lambda k: _item(*items[k][:2], items[k][2])[0])
     return RawData("coco", images, [-1] * len(images), [items[k][3] for k in keep], [], digits=False,
                    attribution=COCO_ATTRIBUTION, skipped={NO_CAPTION: skipped} if skipped else {})
 
@@ -297,7 +298,7 @@ def _fetch_folder(root: Path, limit: int, seed: int) -> RawData:
     classes = sorted({name for name in names.values() if name})
     files = list(captions)
     keep = _keep(len(files), limit, seed)
-    images = [load_image(root / files[i]) for i in tqdm(keep, desc="read images", unit="img", disable=None)]
+    images = ImageFiles([root / files[i] for i in keep])  # each read as write_raw writes it
     labels = [classes.index(names[files[i]]) if names[files[i]] else -1 for i in keep]
     return RawData("folder", images, labels, [captions[files[i]] for i in keep], classes, digits=False)
 
@@ -356,6 +357,22 @@ def write_raw(raw: RawData, out: str | Path) -> None:
         if raw.skipped:
             info["skipped"] = raw.skipped
         write_json(tmp / "classes.json", info)
+
+
+class LazyImages(Sequence):
+    """Images made by `load(key)` for each of `keys` as they are indexed, and not kept: `write_raw` writes a source
+    larger than memory (COCO's 118,000 photos) a photo at a time."""
+
+    def __init__(self, keys: Sequence[int], load: Callable[[int], Image.Image]):
+        self.keys, self.load = keys, load
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return LazyImages(self.keys[i], self.load)
+        return self.load(self.keys[i])
 
 
 class ImageFiles(Sequence):

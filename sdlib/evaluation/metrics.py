@@ -7,22 +7,32 @@ feature extractor `sdlib-classifier`, so evaluation works offline. Standard Ince
 (`inception_metrics`) need a local copy of the Inception weights.
 
 The classifier checkpoint reaches the extractor through torch-fidelity's own `feature_extractor_weights_path`
-keyword: `calculate_metrics` passes every keyword on to the extractor's constructor, so the path travels with the
-call that uses it. A module-level registry keyed by name would be hidden global state, and two checkpoints could not
-be compared in one process.
+keyword: torch-fidelity passes every keyword on to the extractor's constructor, so the path travels with the call
+that uses it. A module-level registry keyed by name would be hidden global state, and two checkpoints could not be
+compared in one process.
+
+The features are extracted here, batch by batch as torch-fidelity's `calculate_metrics` extracts them (the same
+extractor, the same batches of a data set taken in order, so the same features to the bit), and handed to its metric
+functions. So a real set larger than memory is read a chunk at a time (only its features, N x 128, are held), and
+the real set's features are computed once for all the seed sets compared with it.
 """
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 import torch_fidelity
-from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor
 
 from sdlib.data.images import from_uint8
+from sdlib.data.shards import Rows
 from sdlib.errors import CheckpointError
 from sdlib.models.classifier import load_classifier
 
@@ -30,6 +40,10 @@ FEATURE_EXTRACTOR = "sdlib-classifier"
 PENULTIMATE = "penultimate"
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, PIL's RGB -> L
 PRC_NEIGHBOURS = 3  # k of precision/recall's k-NN balls (torch-fidelity's default, Kynkaanniemi et al. 2019)
+FEATURE_BATCH = 250  # images per feature-extraction batch
+CHUNK = 1000  # images read from shards at a time
+# (N, C, H, W) uint8: in memory, as `Rows` of shards (read CHUNK at a time), or any consecutive chunks of them
+UInt8Images = torch.Tensor | Rows | Iterable[torch.Tensor]
 
 
 class ClassifierFeatures(FeatureExtractorBase):
@@ -73,20 +87,6 @@ class ClassifierFeatures(FeatureExtractorBase):
         return tuple(out[name] for name in self.features_list)
 
 
-class _Images(Dataset):
-    """uint8 images (N, C, H, W), C = 1 or 3, served as torch-fidelity expects them: (3, H, W) uint8 each."""
-
-    def __init__(self, images: torch.Tensor):
-        self.images = images.cpu()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        x = self.images[i]
-        return x.repeat(3, 1, 1) if x.shape[0] == 1 else x
-
-
 def _check_images(gen: torch.Tensor, real: torch.Tensor) -> None:
     for name, x in (("generated", gen), ("real", real)):
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
@@ -95,13 +95,6 @@ def _check_images(gen: torch.Tensor, real: torch.Tensor) -> None:
             raise ValueError(f"need at least 2 {name} images, got {len(x)}")
     if gen.shape[1:] != real.shape[1:]:
         raise ValueError(f"generated images {tuple(gen.shape[1:])} and real images {tuple(real.shape[1:])} differ")
-
-
-def _common_kwargs(device: torch.device | str, batch_size: int) -> dict:
-    # cache off: features of in-memory tensors must never be reused from disk; save_cpu_ram: no DataLoader worker
-    # processes, which cost more than they save on tensors already in memory
-    return {"cuda": torch.device(device).type == "cuda", "batch_size": batch_size, "cache": False, "verbose": False,
-            "save_cpu_ram": True}
 
 
 def kid_subset_size(n: int) -> int:
@@ -116,6 +109,93 @@ def _on(device: torch.device | str) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def rebatch(chunks: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """The rows of consecutive chunks of any sizes, as consecutive batches of `size` rows (the last may be shorter)."""
+    held: list[torch.Tensor] = []
+    n = 0
+    for chunk in chunks:
+        while len(chunk):
+            take = min(size - n, len(chunk))
+            held.append(chunk[:take])
+            n, chunk = n + take, chunk[take:]
+            if n == size:
+                yield held[0] if len(held) == 1 else torch.cat(held)
+                held, n = [], 0
+    if held:
+        yield torch.cat(held)
+
+
+def extract_features(images: UInt8Images, extractor: str, layer: str, device: torch.device | str, *,
+                     n: int | None = None, batch_size: int = FEATURE_BATCH, **kwargs) -> torch.Tensor:
+    """Features `layer` (N, D) of torch-fidelity extractor `extractor` (built with `kwargs`) of uint8 images, a batch
+    of `batch_size` at a time, in order: torch-fidelity's `get_featuresdict_from_dataset` step for step (1-channel
+    images repeated to 3, pinned and moved on CUDA, no gradients), without holding the images. Chunks from an
+    iterable need their count `n`.
+
+    The features go into one tensor of N rows as they come: kept as one small tensor per batch, they interleave with
+    the freed activations on glibc's heap and fragment it, so that the resident set grew ~3.6 MiB a batch (measured).
+    """
+    if isinstance(images, (torch.Tensor, Rows)):
+        n, chunks = len(images), [images] if isinstance(images, torch.Tensor) else images.chunks(CHUNK)
+    elif n is None:
+        raise ValueError("images given as chunks need their count n")
+    else:
+        chunks = images
+    cuda = torch.device(device).type == "cuda"
+    out, done = None, 0
+    with _on(device), torch.no_grad():
+        model = create_feature_extractor(extractor, [layer], cuda=cuda, verbose=False, **kwargs)
+        for batch in rebatch(chunks, batch_size):
+            if batch.ndim == 4 and batch.shape[1] == 1:
+                batch = batch.repeat(1, 3, 1, 1)  # (B, 3, H, W): what torch-fidelity's inputs serve
+            if cuda:
+                batch = batch.pin_memory().cuda(non_blocking=True)
+            features = model(batch)[0].cpu()  # (B, D)
+            if done + len(features) > n:
+                raise ValueError(f"expected features of {n} images, got more")
+            if out is None:
+                out = torch.empty((n, *features.shape[1:]), dtype=features.dtype)
+            out[done:done + len(features)] = features
+            done += len(features)
+    if out is None:
+        raise ValueError("no images to extract features of")
+    if done != n:
+        raise ValueError(f"expected features of {n} images, got {done}")
+    return out
+
+
+def classifier_features(images: UInt8Images, classifier_path: str | Path, device: torch.device | str,
+                        batch_size: int = FEATURE_BATCH, n: int | None = None) -> torch.Tensor:
+    """The classifier's penultimate features (N, feature_dim) of uint8 images (N, C, H, W), in memory or read a chunk
+    at a time (`n` of them, for chunks from an iterable): the feature space of FID, KID and precision/recall."""
+    if not Path(classifier_path).is_file():
+        raise CheckpointError(f"{classifier_path}: classifier checkpoint not found")
+    if FEATURE_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(FEATURE_EXTRACTOR, ClassifierFeatures)
+    return extract_features(images, FEATURE_EXTRACTOR, PENULTIMATE, device, n=n, batch_size=batch_size,
+                            feature_extractor_weights_path=str(classifier_path))
+
+
+def fidelity_from_features(gen: torch.Tensor, real: torch.Tensor, *, prc: bool = True,
+                           kid: bool = True) -> dict[str, float]:
+    """FID, KID and precision/recall of generated vs real features (N, D), by torch-fidelity's metric functions with
+    the keywords `calculate_metrics` is given; returns {fid, kid, kid_std, precision, recall} (KID and
+    precision/recall only when asked for)."""
+    for name, f in (("generated", gen), ("real", real)):
+        if len(f) < 2:
+            raise ValueError(f"need at least 2 {name} images, got {len(f)}")
+    out = {"fid": fid_statistics_to_metric(fid_features_to_statistics(gen), fid_features_to_statistics(real),
+                                           False)[torch_fidelity.KEY_METRIC_FID]}
+    if kid:
+        m = kid_features_to_metric(gen, real, kid_subset_size=kid_subset_size(min(len(gen), len(real))),
+                                   verbose=False)
+        out.update(kid=m[torch_fidelity.KEY_METRIC_KID_MEAN], kid_std=m[torch_fidelity.KEY_METRIC_KID_STD])
+    if prc:  # gen first: precision is the share of samples inside the real manifold
+        m = prc_features_to_metric(gen, real, prc_neighborhood=PRC_NEIGHBOURS, save_cpu_ram=True, verbose=False)
+        out.update(precision=m[torch_fidelity.KEY_METRIC_PRECISION], recall=m[torch_fidelity.KEY_METRIC_RECALL])
+    return {k: float(v) for k, v in out.items()}
+
+
 def fidelity_metrics(
     gen_uint8: torch.Tensor,
     real_uint8: torch.Tensor,
@@ -124,44 +204,33 @@ def fidelity_metrics(
     *,
     prc: bool = True,  # also precision and recall (PRC_NEIGHBOURS nearest neighbours; needs more images than that)
     kid: bool = True,  # also KID, over 100 random subsets of `kid_subset_size(n)` images
-    batch_size: int = 250,  # images per feature-extraction batch
+    batch_size: int = FEATURE_BATCH,  # images per feature-extraction batch
 ) -> dict[str, float]:
     """FID, KID and precision/recall of generated vs real uint8 images (N, C, H, W) in the classifier's features.
 
     Returns {fid, kid, kid_std, precision, recall} (KID and precision/recall only when asked for).
     """
     _check_images(gen_uint8, real_uint8)
-    if not Path(classifier_path).is_file():
-        raise CheckpointError(f"{classifier_path}: classifier checkpoint not found")
-    if FEATURE_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
-        torch_fidelity.register_feature_extractor(FEATURE_EXTRACTOR, ClassifierFeatures)
-    with _on(device):
-        m = torch_fidelity.calculate_metrics(
-            input1=_Images(gen_uint8), input2=_Images(real_uint8),  # input1 is the generated set for precision
-            fid=True, kid=kid, prc=prc,
-            feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=str(classifier_path),
-            feature_layer_fid=PENULTIMATE, feature_layer_kid=PENULTIMATE, feature_layer_prc=PENULTIMATE,
-            kid_subset_size=kid_subset_size(min(len(gen_uint8), len(real_uint8))), prc_neighborhood=PRC_NEIGHBOURS,
-            **_common_kwargs(device, batch_size),
-        )
-    out = {"fid": m[torch_fidelity.KEY_METRIC_FID]}
-    if kid:
-        out.update(kid=m[torch_fidelity.KEY_METRIC_KID_MEAN], kid_std=m[torch_fidelity.KEY_METRIC_KID_STD])
-    if prc:
-        out.update(precision=m[torch_fidelity.KEY_METRIC_PRECISION], recall=m[torch_fidelity.KEY_METRIC_RECALL])
-    return {k: float(v) for k, v in out.items()}
+    gen, real = (classifier_features(x, classifier_path, device, batch_size) for x in (gen_uint8, real_uint8))
+    return fidelity_from_features(gen, real, prc=prc, kid=kid)
 
 
-def inception_metrics(gen_uint8: torch.Tensor, real_uint8: torch.Tensor, weights_path: str | Path,
+INCEPTION, INCEPTION_LAYER = "inception-v3-compat", "2048"  # torch-fidelity's TF-compatible Inception, pool3
+
+
+def inception_metrics(gen_uint8: torch.Tensor, real_uint8: torch.Tensor | Rows, weights_path: str | Path,
                       device: torch.device | str, *, kid: bool = False, batch_size: int = 64) -> dict[str, float]:
     """Standard FID (and KID) in Inception-v3 pool3 features (torch-fidelity's `inception-v3-compat`) from local
-    weights; returns {fid} or {fid, kid, kid_std}.
+    weights; returns {fid} or {fid, kid, kid_std}. The real images may be `Rows`, read a chunk at a time.
 
     `weights_path` is the converted TF Inception state dict torch-fidelity otherwise downloads
     (weights-inception-2015-12-05-6726825d.pth). It is first opened with `weights_only=True`, so the unrestricted
     `torch.load` torch-fidelity then does can only ever see plain tensors.
     """
-    _check_images(gen_uint8, real_uint8)
+    if isinstance(real_uint8, torch.Tensor):
+        _check_images(gen_uint8, real_uint8)
+    else:
+        _check_images(gen_uint8, gen_uint8)
     path = Path(weights_path)
     if not path.is_file():
         raise CheckpointError(f"{path}: Inception weights not found")
@@ -172,22 +241,14 @@ def inception_metrics(gen_uint8: torch.Tensor, real_uint8: torch.Tensor, weights
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise CheckpointError(f"{path}: not torch-fidelity's Inception-v3 state dict (no 'fc.weight')")
     try:
-        with _on(device):
-            m = torch_fidelity.calculate_metrics(
-                input1=_Images(gen_uint8), input2=_Images(real_uint8), fid=True, kid=kid,
-                feature_extractor="inception-v3-compat", feature_layer_fid="2048", feature_layer_kid="2048",
-                kid_subset_size=kid_subset_size(min(len(gen_uint8), len(real_uint8))),
-                feature_extractor_weights_path=str(path), **_common_kwargs(device, batch_size),
-            )
+        gen, real = (extract_features(x, INCEPTION, INCEPTION_LAYER, device, batch_size=batch_size,
+                                      feature_extractor_weights_path=str(path)) for x in (gen_uint8, real_uint8))
     except RuntimeError as e:
         if "state_dict" not in str(e):
             raise
         raise CheckpointError(f"{path}: weights do not fit torch-fidelity's Inception-v3 "
                               f"({str(e).splitlines()[0]})") from None
-    out = {"fid": m[torch_fidelity.KEY_METRIC_FID]}
-    if kid:
-        out.update(kid=m[torch_fidelity.KEY_METRIC_KID_MEAN], kid_std=m[torch_fidelity.KEY_METRIC_KID_STD])
-    return {k: float(v) for k, v in out.items()}
+    return fidelity_from_features(gen, real, prc=False, kid=kid)
 
 
 def conditional_accuracy(pred: torch.Tensor, target: torch.Tensor,

@@ -11,17 +11,19 @@ from __future__ import annotations
 import re
 import statistics
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import torch
 
 from sdlib.data.images import from_uint8, to_uint8
+from sdlib.data.shards import Rows
 from sdlib.errors import DataError
-from sdlib.evaluation.metrics import PRC_NEIGHBOURS, conditional_accuracy, fidelity_metrics
+from sdlib.evaluation.metrics import PRC_NEIGHBOURS, classifier_features, conditional_accuracy, fidelity_from_features
 from sdlib.evaluation.retrieval import RetrievalSpace, pixel_features, retrieval_ranks, retrieval_scores
 from sdlib.models.classifier import Classifier, embed
 from sdlib.io import read_csv
-from sdlib.models.vae import Autoencoder, reconstruct, reconstruction_psnr, vae_batch
+from sdlib.models.vae import Autoencoder, image_psnr, reconstruct, vae_batch
 
 
 def read_manifest(path: Path, num_classes: int) -> tuple[list[str], list[Path], torch.Tensor]:
@@ -72,21 +74,30 @@ def mean_and_spread(per_set: list[dict[str, float]]) -> dict[str, float]:
 FLOOR_SEED = 0  # train subsets of the FID floor: FLOOR_SEED + index; fixed, not a param
 
 
-def fid_floor(train_images: torch.Tensor, real_uint8: torch.Tensor, n: int, classifier: Path,
+def real_features(real: torch.Tensor | Rows, classifier: Path, device: torch.device | str) -> torch.Tensor:
+    """The classifier features (N, D) of the real uint8 images, in memory or read from their shards a chunk at a time:
+    computed once, compared with every seed set, the FID floor and the reconstructions."""
+    return classifier_features(real, classifier, device)
+
+
+def fid_floor(train_images: torch.Tensor | Rows, real: torch.Tensor, n: int, classifier: Path,
               device: torch.device | str, index: int = 0) -> float:
-    """The real-vs-real FID at `n` samples: `n` training images (subset `index`) against the real test set."""
+    """The real-vs-real FID at `n` samples: `n` training images (subset `index`, read alone when the images are
+    `Rows`) against the real test set's features `real` (`real_features`)."""
     pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(FLOOR_SEED + index))[:n]
-    return fidelity_metrics(to_uint8(train_images[pick]), real_uint8, classifier, device, prc=False, kid=False)["fid"]
+    picked = classifier_features(to_uint8(train_images[pick]), classifier, device)
+    return fidelity_from_features(picked, real, prc=False, kid=False)["fid"]
 
 
 def score_samples(gen: torch.Tensor, prompts: list[str], labels: torch.Tensor, pred: torch.Tensor, *,
-                  real: torch.Tensor, train_images: torch.Tensor, classes: list[str], classifier: Path,
+                  real: torch.Tensor, train_images: torch.Tensor | Rows, classes: list[str], classifier: Path,
                   n_sets: int, device: torch.device | str) -> tuple[dict[str, float], pd.DataFrame]:
     """FID, KID, precision/recall and conditional accuracy of the samples, each as mean and `_std` over `n_sets`
     disjoint seed sets, next to the real-vs-real FID floor at the same sample count.
 
     gen: uint8 samples (N, C, S, S); labels: the prompted class of each (-1: none); pred: the class the classifier
-    sees; real: uint8 test images. Returns (metrics, the (actual, predicted) rows of the labelled samples).
+    sees; real: the test images' features (`real_features`). Returns (metrics, the (actual, predicted) rows of the
+    labelled samples).
     """
     sets = seed_sets(prompts, n_sets)
     n = len(sets[0])
@@ -98,7 +109,7 @@ def score_samples(gen: torch.Tensor, prompts: list[str], labels: torch.Tensor, p
     labelled = labels >= 0
     per_set, floors = [], []
     for j, idx in enumerate(sets):
-        m = fidelity_metrics(gen[idx], real, classifier, device)
+        m = fidelity_from_features(classifier_features(gen[idx], classifier, device), real)
         m.pop("kid_std")  # KID's own subset spread; the spread that matters here is over seed sets
         if labelled[idx].any():
             m["cond_acc"] = (pred[idx] == labels[idx])[labelled[idx]].float().mean().item()
@@ -117,17 +128,32 @@ def score_samples(gen: torch.Tensor, prompts: list[str], labels: torch.Tensor, p
     return result, rows
 
 
-def vae_quality(vae: Autoencoder, images: torch.Tensor, classifier: Path | None, device: torch.device | str) -> dict:
-    """The autoencoder alone on real images (N, C, S, S) in [-1, 1]: reconstruction PSNR and reconstruction FID (no
-    classifier, data without classes: PSNR only); none for the identity of pixel space (`vae.kind: none`), whose
-    reconstructions are the images."""
+def vae_quality(vae: Autoencoder, images: torch.Tensor | Rows, classifier: Path | None, device: torch.device | str,
+                real: torch.Tensor | None = None) -> dict:
+    """The autoencoder alone on real images (N, C, S, S) in [-1, 1], in memory or read from their shards a batch at a
+    time: reconstruction PSNR and reconstruction FID against the images' features `real` (no classifier, data without
+    classes: PSNR only); none for the identity of pixel space (`vae.kind: none`), whose reconstructions are the
+    images. The reconstructions are made, measured and embedded a batch at a time, never held together."""
     if vae.kind == "none":
         return {}
-    recon = reconstruct(vae, images, vae_batch(images.shape[1:]))
-    if classifier is None:
-        return {"vae_psnr": reconstruction_psnr(images, recon)}
-    rfid = fidelity_metrics(to_uint8(recon), to_uint8(images), classifier, device, prc=False, kid=False)["fid"]
-    return {"vae_psnr": reconstruction_psnr(images, recon), "vae_rfid": rfid}
+    if classifier is not None and real is None:
+        raise ValueError("the reconstruction FID needs the real images' features")
+    psnr: list[torch.Tensor] = []  # (B,) each image's, filled as the reconstructions are made
+    batch = vae_batch(images.shape[1:])
+
+    def reconstructions() -> Iterator[torch.Tensor]:
+        for x in (images.chunks if isinstance(images, Rows) else images.split)(batch):
+            recon = reconstruct(vae, x, batch)
+            psnr.append(image_psnr(x, recon))
+            yield to_uint8(recon)
+
+    if classifier is None:  # made and measured, with no feature space to embed them in
+        for _ in reconstructions():
+            pass
+        return {"vae_psnr": float(torch.cat(psnr).mean())}
+    recon = classifier_features(reconstructions(), classifier, device, n=len(images))
+    rfid = fidelity_from_features(recon, real, prc=False, kid=False)["fid"]
+    return {"vae_psnr": float(torch.cat(psnr).mean()), "vae_rfid": rfid}
 
 
 def score_retrieval(gen: torch.Tensor, real: torch.Tensor, space: RetrievalSpace, classifier: Classifier | None,
