@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sdlib.errors import CheckpointError, DataError
@@ -88,28 +88,21 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
 
 
 def load_weights(path: str | Path, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load a checkpoint written by `save_weights`; check its `kind` when given."""
+    """Load a checkpoint written by `save_weights`; check its `kind` when given (from the header, before the
+    tensors are read)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found (run `dvc repro` first)")
+    meta = read_meta(path, kind)
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-    except (SafetensorError, OSError, json.JSONDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from None
-    if kind is not None and meta.get("kind") != kind:
-        raise CheckpointError(f"{path}: expected a '{kind}' checkpoint, found '{meta.get('kind')}'")
-    return tensors, meta
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({str(e).splitlines()[0]})") from None
 
 
 def read_meta(path: str | Path, kind: str | None = None) -> dict:
     """The `meta` of a checkpoint written by `save_weights`, from its header alone (no tensor is read); check its
     `kind` when given."""
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
